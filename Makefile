@@ -1,0 +1,27 @@
+# Every target bootstraps what it needs: uv (installed with pip when missing), then the locked
+# environment (uv sync --frozen), then the job itself.
+UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-all lint format bootstrap
+
+bootstrap:
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	$(UV) sync --frozen
+
+demo: bootstrap
+	$(UV) run fedlit fit --config configs/quickstart.yaml
+
+test: bootstrap
+	$(UV) run pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-all: bootstrap
+	$(UV) run pytest $(PYTEST_ARGS)
+
+lint: bootstrap
+	$(UV) run ruff check fedlit callbacks tests
+	$(UV) run ruff format --check fedlit callbacks tests
+
+format: bootstrap
+	$(UV) run ruff format fedlit callbacks tests
+	$(UV) run ruff check --fix fedlit callbacks tests

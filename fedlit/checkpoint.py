@@ -1,0 +1,43 @@
+"""Checkpoints written atomically: a crash mid-write never leaves a half-written last.ckpt."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_write_bytes(path: Path, write: Any) -> None:
+    """Call `write(file)` on a temporary file beside `path`, fsync it, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Save `state` (tensors, numbers, strings, plain containers) to `path` atomically."""
+    atomic_write_bytes(path, lambda file: torch.save(state, file))
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with safe deserialisation (no arbitrary code from the file)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path} is not a readable fedlit checkpoint: {error}") from error
+    if not isinstance(state, dict) or state.get("format") != "fedlit":
+        raise ValueError(f"{path} is not a fedlit checkpoint (no 'format': 'fedlit' entry)")
+    return state

@@ -1,0 +1,44 @@
+"""One client's local training: the loop every algorithm shares.
+
+Algorithms differ only in `algorithm.loss`; the loop, the optimizer and the batches are the same
+for all of them, so a new regulariser is a new loss, not a new loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+
+import torch
+from torch import nn
+
+from fedlit.algorithms.base import Algorithm
+
+
+def train_client(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    algorithm: Algorithm,
+    autocast: Callable[[], AbstractContextManager],
+    on_batch_end: Callable[[int, torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Run the client's optimisation steps; returns (summed loss as a device tensor, steps).
+
+    The summed loss stays on the device so the loop never waits for the GPU; the caller reads it
+    once per round.
+    """
+    model.train()
+    loss_sum = torch.zeros((), device=next(model.parameters()).device)
+    steps = 0
+    for x, y in batches:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss = algorithm.loss(model, x, y)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach().float()
+        if on_batch_end is not None:
+            on_batch_end(steps, loss.detach())
+        steps += 1
+    return loss_sum, steps

@@ -1,0 +1,145 @@
+"""The config surface: every shipped YAML parses, and bad input stops before training."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedlit.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def fail_message(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.fixture
+def quickstart(tmp_path) -> Path:
+    config = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    config["run_dir"] = str(tmp_path / "run")
+    config["trainer"]["devices"] = 1
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_parses_and_instantiates(config):
+    parser = build_parser()
+    cfg = parser.parse_args(["fit", "--config", str(config)])
+    init = parser.instantiate(cfg).fit
+    assert init.model is not None and init.trainer.rounds >= 1
+    assert init.data.num_clients >= 1
+
+
+def test_public_overrides_work_exactly_as_written(quickstart):
+    parser = build_parser()
+    cfg = parser.parse_args(
+        [
+            "fit",
+            "--config",
+            str(quickstart),
+            "--seed",
+            "7",
+            "--run_dir",
+            "/tmp/x",
+            "--trainer.rounds",
+            "3",
+            "--trainer.devices",
+            "2",
+            "--trainer.accelerator",
+            "cpu",
+            "--data.alpha",
+            "0.1",
+            "--model.init_args.padding",
+            "1",
+        ]
+    )
+    fit = cfg.fit
+    assert (fit.seed, fit.run_dir, fit.trainer.rounds, fit.trainer.devices) == (7, "/tmp/x", 3, 2)
+    assert fit.trainer.accelerator == "cpu" and fit.data.alpha == 0.1
+    assert fit.model.init_args.padding == 1
+
+
+def test_print_config_shows_the_resolved_sections(quickstart, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(quickstart), "--trainer.rounds", "4", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert set(printed) >= {
+        "seed",
+        "run_dir",
+        "trainer",
+        "data",
+        "model",
+        "algorithm",
+        "callbacks",
+        "logger",
+    }
+    assert printed["trainer"]["rounds"] == 4
+    assert printed["model"]["class_path"] == "fedlit.models.CNN"
+    assert printed["trainer"]["optimizer"]["init_args"]["lr"] == 0.05
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (["--trainer.roundz", "3"], "trainer.roundz"),
+        (["--trainer.rounds", "many"], "trainer.rounds"),
+        (["--trainer.accelerator", "tpu"], "trainer.accelerator"),
+        (["--data.partition", "zipf"], "data.partition"),
+        (["--data.dataset", "imagenet"], "data.dataset"),
+        (["--algorithm.init_args.buffers", "sometimes"], "buffers"),
+        (["--model", "fedlit.models.NoSuchNet"], "model"),
+        (["--trainer.rounds", "0"], "trainer.rounds must be a positive integer, got 0"),
+        (["--data.alpha", "-1"], "data.alpha"),
+        (
+            ["--trainer.clients_per_round", "11"],
+            "trainer.clients_per_round must be between 1 and data.num_clients=10",
+        ),
+        (["--data.local_test", "none"], "trainer.personal_eval needs per-client test splits"),
+        (["--data.num_clients", "500", "--data.min_samples", "20"], "data.min_samples"),
+    ],
+)
+def test_bad_settings_stop_before_training_with_the_setting_named(
+    quickstart, capsys, override, expected
+):
+    err = fail_message(capsys, ["fit", "--config", str(quickstart), *override])
+    assert expected in err
+    assert not (quickstart.parent / "run" / "metrics.jsonl").exists()
+
+
+def test_missing_dataset_files_with_download_off(tmp_path, capsys):
+    err = fail_message(
+        capsys,
+        [
+            "fit",
+            "--model",
+            "fedlit.models.CNN",
+            "--data.dataset",
+            "cifar10",
+            "--data.root",
+            str(tmp_path / "nothing"),
+            "--run_dir",
+            str(tmp_path / "run"),
+        ],
+    )
+    assert "data.download" in err and "data.root" in err
+
+
+def test_model_is_required(tmp_path, capsys):
+    err = fail_message(capsys, ["fit", "--run_dir", str(tmp_path)])
+    assert "model is required" in err
+
+
+def test_partition_subcommand_prints_counts_and_writes_heat_map(quickstart, capsys):
+    main(["partition", "--config", str(quickstart)])
+    out = capsys.readouterr().out
+    assert "heat map written to" in out
+    heat_map = quickstart.parent / "run" / "plots" / "partition.png"
+    assert heat_map.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
