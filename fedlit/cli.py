@@ -47,14 +47,19 @@ def run_arguments(
     """
 
 
+def build_run_parser(description: str = "") -> ArgumentParser:
+    """The parser of one subcommand: a config file plus the sections of `run_arguments`."""
+    parser = ArgumentParser(description=description)
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML config file.")
+    parser.add_function_arguments(run_arguments)
+    return parser
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="fedlit", description="Federated learning on Lightning Fabric.")
     subcommands = parser.add_subcommands(dest="command")
     for name, help_text in SUBCOMMANDS.items():
-        sub = ArgumentParser(description=help_text)
-        sub.add_argument("--config", action=ActionConfigFile, help="A YAML config file.")
-        sub.add_function_arguments(run_arguments)
-        subcommands.add_subcommand(name, sub, help=help_text)
+        subcommands.add_subcommand(name, build_run_parser(help_text), help=help_text)
     return parser
 
 
@@ -65,14 +70,13 @@ def fail(message: str) -> None:
 
 def to_run_config(parser: ArgumentParser, cfg: Namespace) -> RunConfig:
     command = cfg.command
-    subparser = parser._subcommands_action._name_parser_map[command]
     try:
         init = parser.instantiate(cfg)[command]
     except ValueError as error:
         fail(str(error))
     if init.model is None:
         fail("model is required: e.g. model: {class_path: fedlit.models.CNN, init_args: {...}}")
-    config_yaml = subparser.dump(cfg[command], skip_none=False)
+    config_yaml = build_run_parser().dump(cfg[command])
     return RunConfig(
         seed=init.seed,
         run_dir=Path(init.run_dir),

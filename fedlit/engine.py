@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -97,6 +98,10 @@ def launch_settings(trainer: TrainerConfig) -> tuple[int, int]:
 
 
 def make_fabric(run: RunConfig) -> Fabric:
+    # Ranks other than 0 (started by Fabric's launcher or torchrun, which set these variables)
+    # keep quiet: console output comes from rank 0 only.
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0 or run.logger.quiet:
+        logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     devices, num_nodes = launch_settings(run.trainer)
     accelerator = "cuda" if run.trainer.accelerator == "gpu" else run.trainer.accelerator
     return Fabric(
@@ -359,7 +364,7 @@ def describe(fed: Federation) -> str:
         f"{run.data.num_clients} clients, {fed.per_round} per round, partition {run.data.partition} | "
         f"model {type(fed.global_model).__name__} ({n_params:,} parameters, {len(fed.layers)} layers) | "
         f"{fed.world_size} rank(s) on {fed.fabric.device.type}, "
-        f"~{-(-run.data.num_clients // fed.world_size)} clients per rank"
+        f"up to {-(-fed.per_round // fed.world_size)} clients per rank per round"
     )
 
 
