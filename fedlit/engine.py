@@ -164,7 +164,7 @@ class Federation:
                 floats.extend(b for b in layer.buffers if buffers[b].is_floating_point())
         return params, floats
 
-    def load_client_model(self, client: int, buffer_names: list[str]) -> None:
+    def load_client_model(self, client: int) -> None:
         """Working model := global weights (+ the client's own BN statistics when kept local)."""
         copy_into(list(self.working.parameters()), list(self.global_model.parameters()))
         copy_into(list(self.working.buffers()), list(self.global_model.buffers()))
@@ -222,102 +222,128 @@ def make_optimizer(run: RunConfig, params: list[nn.Parameter]) -> torch.optim.Op
     return run.trainer.optimizer(params)
 
 
-def run_round(fed: Federation, round_idx: int) -> dict[str, Any]:
-    """One federated round; returns the round's metrics (identical on every rank)."""
-    run, fabric = fed.run, fed.fabric
-    started = time.perf_counter()
-    clients = sample_clients(run.seed, round_idx, run.data.num_clients, fed.per_round)
-    mine = owned_clients(clients, fed.rank, fed.world_size)
-    fabric.call("on_round_start", round=round_idx, clients=clients)
+@dataclass
+class RoundPlan:
+    """What a round moves: decided before any client trains, identical on every rank."""
 
+    clients: list[int]
+    mine: list[int]
+    reduced: list[str]  # tensors in the all-reduce: trained parameters and their float buffers
+    sent_bytes: int  # bytes one client uploads (and downloads) this round
+    evaluate: bool
+
+
+def plan_round(fed: Federation, round_idx: int) -> RoundPlan:
+    run = fed.run
+    clients = sample_clients(run.seed, round_idx, run.data.num_clients, fed.per_round)
+    fed.fabric.call("on_round_start", round=round_idx, clients=clients)
     all_layers = [layer.name for layer in fed.layers]
     active = ask_callbacks(
         run.callbacks, "select_layers", all_layers, round=round_idx, layers=all_layers
     )
     params, float_buffers = fed.tensor_names(list(active))
-    # Buffers are always reduced so the global model can be evaluated; with the "local" policy
-    # they are never sent back to clients, so they are not counted as communication.
-    reduced = params + float_buffers
-    layout = FlatLayout.of(fed.global_model, reduced)
-    sent = FlatLayout.of(
-        fed.global_model, reduced if run.algorithm.buffers == "average" else params
+    # Buffers are always reduced so that the global model can be evaluated; with the "local"
+    # policy they are never sent back to clients, so they do not count as communication.
+    sent = params + float_buffers if run.algorithm.buffers == "average" else params
+    return RoundPlan(
+        clients=clients,
+        mine=owned_clients(clients, fed.rank, fed.world_size),
+        reduced=params + float_buffers,
+        sent_bytes=FlatLayout.of(fed.global_model, sent).nbytes(),
+        evaluate=round_idx % run.trainer.eval_every == 0 or round_idx == run.trainer.rounds,
     )
-    reduce_dtype = getattr(torch, run.trainer.reduce_dtype)
-    summed = WeightedSum(layout, fabric.device, extras=1, dtype=reduce_dtype)
-    evaluate = round_idx % run.trainer.eval_every == 0 or round_idx == run.trainer.rounds
+
+
+def train_one_client(fed: Federation, round_idx: int, client: int) -> torch.Tensor:
+    """Train `client` from the weights it receives; returns its mean loss (a device tensor)."""
+    run, fabric = fed.run, fed.fabric
+    fed.load_client_model(client)
+    fabric.call("on_client_start", round=round_idx, client=client, model=fed.working)
+    optimizer = make_optimizer(run, [p for p in fed.working.parameters() if p.requires_grad])
+    generator = torch_generator(run.seed, Stream.TRAIN, round_idx, client, device=fabric.device)
+    # dropout and other layers that draw from torch's global generator
+    torch.manual_seed(stream_seed(run.seed, Stream.TRAIN, round_idx, client))
+    batches = fed.data.train_batches(
+        fed.client_indices[client], run.trainer.batch_size, run.trainer.local_epochs, generator
+    )
+
+    def on_batch_end(step: int, loss: torch.Tensor) -> None:
+        fabric.call("on_train_batch_end", round=round_idx, client=client, step=step, loss=loss)
+
+    loss_sum, steps = train_client(
+        fed.working, batches, optimizer, run.algorithm, fabric.autocast, on_batch_end
+    )
+    fabric.call("on_client_end", round=round_idx, client=client, model=fed.working)
+    if run.algorithm.buffers == "local":
+        fed.local_buffers.put(client, dict(fed.working.named_buffers()))
+    return loss_sum / max(steps, 1)
+
+
+def personal_accuracy(fed: Federation, client: int) -> float:
+    """The working model's accuracy on `client`'s local test split."""
+    return client_accuracy(
+        fed.working,
+        fed.data,
+        fed.client_test_indices[client],
+        fed.run.trainer.eval_batch_size,
+        fed.fabric.autocast,
+    )
+
+
+def evaluate_round(fed: Federation, plan: RoundPlan, personal: SpreadOverClients) -> dict:
+    """Global test metrics, and personalised ones (the clients' local models were scored
+    during training; here each client scores the aggregated model it receives)."""
+    run = fed.run
+    metrics = evaluate_global(
+        fed.global_model,
+        fed.data,
+        fed.rank,
+        fed.world_size,
+        run.trainer.eval_batch_size,
+        fed.fabric.autocast,
+    )
+    if run.trainer.personal_eval:
+        for client in plan.mine:
+            fed.load_client_model(client)
+            personal.add("acc_global", personal_accuracy(fed, client))
+        metrics.update(personal.reduce(fed.comm, "personal"))
+    return metrics
+
+
+def run_round(fed: Federation, round_idx: int) -> dict[str, Any]:
+    """One federated round; returns the round's metrics (identical on every rank)."""
+    run, fabric = fed.run, fed.fabric
+    started = time.perf_counter()
+    plan = plan_round(fed, round_idx)
+    layout = FlatLayout.of(fed.global_model, plan.reduced)
+    summed = WeightedSum(
+        layout, fabric.device, extras=1, dtype=getattr(torch, run.trainer.reduce_dtype)
+    )
     personal = SpreadOverClients(["acc_local", "acc_global"], fabric.device)
-    personal_on = evaluate and run.trainer.personal_eval and fed.client_test_indices is not None
+    score_local = plan.evaluate and run.trainer.personal_eval
 
-    for client in mine:
-        fed.load_client_model(client, float_buffers)
-        fabric.call("on_client_start", round=round_idx, client=client, model=fed.working)
-        trainable = [p for p in fed.working.parameters() if p.requires_grad]
-        optimizer = make_optimizer(run, trainable)
-        generator = torch_generator(run.seed, Stream.TRAIN, round_idx, client, device=fabric.device)
-        torch.manual_seed(stream_seed(run.seed, Stream.TRAIN, round_idx, client))
-        batches = fed.data.train_batches(
-            fed.client_indices[client], run.trainer.batch_size, run.trainer.local_epochs, generator
-        )
-
-        def on_batch_end(step: int, loss: torch.Tensor, client: int = client) -> None:
-            fabric.call("on_train_batch_end", round=round_idx, client=client, step=step, loss=loss)
-
-        loss_sum, steps = train_client(
-            fed.working, batches, optimizer, run.algorithm, fabric.autocast, on_batch_end
-        )
-        fabric.call("on_client_end", round=round_idx, client=client, model=fed.working)
+    for client in plan.mine:
+        mean_loss = train_one_client(fed, round_idx, client)
         weight = float(fed.client_sizes[client])
-        summed.add(
-            named_tensors(fed.working, reduced), weight, extras=[loss_sum / max(steps, 1) * weight]
-        )
-        if run.algorithm.buffers == "local":
-            fed.local_buffers.put(client, dict(fed.working.named_buffers()))
-        if personal_on:
-            acc = client_accuracy(
-                fed.working,
-                fed.data,
-                fed.client_test_indices[client],
-                run.trainer.eval_batch_size,
-                fabric.autocast,
-            )
-            personal.add("acc_local", acc)
+        summed.add(named_tensors(fed.working, plan.reduced), weight, extras=[mean_loss * weight])
+        if score_local:
+            personal.add("acc_local", personal_accuracy(fed, client))
 
     averaged, total_weight, extras = summed.reduce(fed.comm)
-    copy_into(named_tensors(fed.global_model, reduced), averaged)
-    fed.comm_bytes += 2 * len(clients) * sent.nbytes()
+    copy_into(named_tensors(fed.global_model, plan.reduced), averaged)
+    round_bytes = 2 * len(plan.clients) * plan.sent_bytes
+    fed.comm_bytes += round_bytes
     fabric.call("on_aggregate_end", round=round_idx, global_model=fed.global_model)
 
     metrics: dict[str, Any] = {
         "round": round_idx,
-        "train/loss": float(extras[0]) / total_weight,
-        "clients": len(clients),
+        "train/loss": extras[0] / total_weight,
+        "clients": len(plan.clients),
         "comm/bytes": fed.comm_bytes,
-        "comm/round_bytes": 2 * len(clients) * sent.nbytes(),
+        "comm/round_bytes": round_bytes,
     }
-    if evaluate:
-        metrics.update(
-            evaluate_global(
-                fed.global_model,
-                fed.data,
-                fed.rank,
-                fed.world_size,
-                run.trainer.eval_batch_size,
-                fabric.autocast,
-            )
-        )
-        if personal_on:
-            for client in mine:
-                fed.load_client_model(client, float_buffers)
-                acc = client_accuracy(
-                    fed.working,
-                    fed.data,
-                    fed.client_test_indices[client],
-                    run.trainer.eval_batch_size,
-                    fabric.autocast,
-                )
-                personal.add("acc_global", acc)
-        if run.trainer.personal_eval:
-            metrics.update(personal.reduce(fed.comm, "personal"))
+    if plan.evaluate:
+        metrics.update(evaluate_round(fed, plan, personal))
         fabric.call("on_evaluate_end", round=round_idx, metrics=metrics)
     metrics["time/round_seconds"] = time.perf_counter() - started
     fabric.call("on_round_end", round=round_idx, metrics=metrics)

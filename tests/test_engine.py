@@ -182,6 +182,6 @@ def test_local_bn_buffers_stay_with_each_client(tmp_path):
     n_params = sum(p.numel() for p in fed.global_model.parameters())
     assert metrics["comm/round_bytes"] == 2 * 6 * 4 * n_params
     # a client starts its next round from its own statistics, not the global ones
-    fed.load_client_model(3, [])
+    fed.load_client_model(3)
     own = dict(fed.working.named_buffers())["stem.bn.running_mean"]
     assert torch.equal(own, means[3])
