@@ -187,6 +187,7 @@ def setup(run: RunConfig, fabric: Fabric) -> Federation:
         crop_padding=run.data.crop_padding,
         hflip=run.data.hflip,
         normalize=run.data.normalize,
+        rotation=run.data.rotation,
     )
     torch.manual_seed(stream_seed(run.seed, Stream.INIT))
     model = run.model(bundle.num_classes, tuple(bundle.input_shape))

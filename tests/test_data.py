@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import tarfile
 
 import numpy as np
@@ -275,3 +276,33 @@ def test_heatmap_png_is_written(tmp_path):
     path = plot_label_heatmap(counts, [str(c) for c in range(10)], tmp_path / "plots" / "p.png")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    """An MNIST-format idx file (big-endian header, then uint8 data)."""
+    magic = (0x08 << 8) | array.ndim
+    header = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize(
+    ("dataset", "folder"), [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")]
+)
+def test_torchvision_mnist_files_load_as_uint8_tensors(tmp_path, dataset, folder):
+    raw = tmp_path / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    train_x, test_x = rng.integers(0, 256, (6, 28, 28)), rng.integers(0, 256, (4, 28, 28))
+    train_y, test_y = np.array([0, 1, 2, 3, 4, 9]), np.array([5, 6, 7, 8])
+    _write_idx(raw / "train-images-idx3-ubyte", train_x)
+    _write_idx(raw / "train-labels-idx1-ubyte", train_y)
+    _write_idx(raw / "t10k-images-idx3-ubyte", test_x)
+    _write_idx(raw / "t10k-labels-idx1-ubyte", test_y)
+    bundle = load_dataset(DataConfig(dataset=dataset, root=str(tmp_path)))
+    assert bundle.train.x.shape == (6, 1, 28, 28) and bundle.train.x.dtype == torch.uint8
+    assert bundle.test.x.shape == (4, 1, 28, 28)
+    assert torch.equal(bundle.train.x[:, 0], torch.from_numpy(train_x.astype(np.uint8)))
+    assert bundle.train.y.tolist() == train_y.tolist() and bundle.test.y.dtype == torch.int64
+    assert bundle.num_classes == 10 and len(bundle.classes) == 10
+    mean = bundle.train.x.float().mean().item() / 255
+    assert bundle.mean == pytest.approx((mean,), abs=1e-4)

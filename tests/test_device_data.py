@@ -157,3 +157,42 @@ def test_cuda_stream_matches_coverage_and_is_reproducible():
     again = collect(data, indices, batch_size=32, epochs=2, seed=5, device=device)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again, strict=True))
     assert all(x.is_cuda and y.is_cuda for x, y in first)
+
+
+def constant_bundle(value: int = 200, n: int = 32, size: int = 9) -> DataBundle:
+    x = torch.full((n, 1, size, size), value, dtype=torch.uint8)
+    y = torch.zeros(n, dtype=torch.long)
+    return DataBundle("constant", Split(x, y), Split(x[:4], y[:4]), 1, ["a"], (0.0,), (1.0,))
+
+
+def test_rotation_turns_each_image_about_its_centre_with_zero_fill():
+    data = DeviceData(constant_bundle(), CPU, rotation=45.0, normalize=False)
+    (x, _), *_ = collect(data, torch.arange(32), batch_size=32)
+    pixels = as_uint8(x)
+    # nearest-neighbour: only the original value or the zero fill, and the centre stays put
+    assert set(pixels.unique().tolist()) <= {0, 200}
+    assert (pixels[:, 0, 4, 4] == 200).all()
+    # corners leave the image for all but near-zero angles; the per-sample angles differ
+    zero_counts = (pixels == 0).flatten(1).sum(1)
+    assert (zero_counts > 0).float().mean() > 0.7
+    assert len(set(zero_counts.tolist())) > 3
+    (again, _), *_ = collect(data, torch.arange(32), batch_size=32)
+    assert torch.equal(x, again)
+
+
+def test_tiny_rotation_is_the_identity_on_the_pixel_grid():
+    bundle = image_bundle(shape=(3, 8, 8))
+    plain = DeviceData(bundle, CPU, normalize=False)
+    turned = DeviceData(bundle, CPU, rotation=1e-4, normalize=False)
+    (a, ya), *_ = collect(plain, torch.arange(16), batch_size=16)
+    (b, yb), *_ = collect(turned, torch.arange(16), batch_size=16)
+    assert torch.equal(ya, yb) and torch.equal(as_uint8(a), as_uint8(b))
+
+
+def test_rotation_is_validated():
+    with pytest.raises(
+        ValueError, match="data.rotation must be between 0 and 180 degrees, got 200"
+    ):
+        DataConfig(dataset="digits", rotation=200)
+    with pytest.raises(ValueError, match="data.rotation augment images"):
+        DataConfig(dataset="synthetic", partition="natural", rotation=10)

@@ -185,3 +185,20 @@ def test_local_bn_buffers_stay_with_each_client(tmp_path):
     fed.load_client_model(3)
     own = dict(fed.working.named_buffers())["stem.bn.running_mean"]
     assert torch.equal(own, means[3])
+
+
+def test_bf16_mixed_precision_trains_under_autocast(tmp_path):
+    seen = []
+
+    class DtypeProbe:
+        def on_client_start(self, model):
+            model.fc3.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+
+    run = make_run(tmp_path, rounds=2, precision="bf16-mixed", callbacks=[DtypeProbe()])
+    fed = prepare(run)
+    metrics = [run_round(fed, r) for r in (1, 2)]
+    assert torch.bfloat16 in seen
+    # weights stay float32; autocast only changes the compute dtype
+    assert all(p.dtype == torch.float32 for p in fed.global_model.parameters())
+    assert metrics[-1]["test/loss"] < metrics[0]["test/loss"]
+    assert 0.0 <= metrics[-1]["test/acc"] <= 1.0

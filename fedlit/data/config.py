@@ -63,6 +63,9 @@ class DataConfig:
     # Random crop with this much zero padding on each side (0 = off; CIFAR: 4).
     crop_padding: int = 0
     hflip: bool = False
+    # Random rotation by an angle uniform in [-rotation, rotation] degrees, zero fill (FedPart's
+    # CIFAR-100 setting: 15).
+    rotation: float = 0.0
     normalize: bool = True
     # FedProx Synthetic(alpha, beta) (Li et al., MLSys 2020). Their generator draws a device's
     # sample count as floor(LogNormal(4, 2)) + 50, so 50 is the minimum per device.
@@ -143,11 +146,18 @@ class DataConfig:
                 "data.local_test_size must be > 0 for data.local_test=label_mix "
                 f"(test samples per client; LIPS: 400), got {self.local_test_size}"
             )
-        if self.dataset in VECTOR_DATASETS and (self.crop_padding > 0 or self.hflip):
+        if not 0.0 <= self.rotation <= 180.0:
             raise ValueError(
-                f"data.crop_padding and data.hflip augment images; data.dataset={self.dataset} "
-                f"holds feature vectors, got crop_padding={self.crop_padding}, "
-                f"hflip={self.hflip} (use 0 and false)"
+                f"data.rotation must be between 0 and 180 degrees, got {self.rotation}"
+            )
+        if self.dataset in VECTOR_DATASETS and (
+            self.crop_padding > 0 or self.hflip or self.rotation > 0
+        ):
+            raise ValueError(
+                f"data.crop_padding, data.hflip and data.rotation augment images; "
+                f"data.dataset={self.dataset} holds feature vectors, got "
+                f"crop_padding={self.crop_padding}, hflip={self.hflip}, rotation={self.rotation} "
+                f"(use 0, false and 0)"
             )
         if self.coarse_labels and self.dataset not in COARSE_LABEL_DATASETS:
             raise ValueError(

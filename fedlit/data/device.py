@@ -28,18 +28,20 @@ class DeviceData:
         crop_padding: int = 0,
         hflip: bool = False,
         normalize: bool = True,
+        rotation: float = 0.0,
     ) -> None:
         self.device = torch.device(device)
         self.is_image = bundle.train.x.dtype == torch.uint8
-        if not self.is_image and (crop_padding > 0 or hflip):
+        if not self.is_image and (crop_padding > 0 or hflip or rotation > 0):
             raise ValueError(
-                f"data.crop_padding and data.hflip augment images; {bundle.name} holds "
-                f"{bundle.train.x.dtype} vectors"
+                f"data.crop_padding, data.hflip and data.rotation augment images; {bundle.name} "
+                f"holds {bundle.train.x.dtype} vectors"
             )
         if crop_padding < 0:
             raise ValueError(f"data.crop_padding must be >= 0, got {crop_padding}")
         self.crop_padding = crop_padding
         self.hflip = hflip
+        self.rotation = rotation
         self._num_classes = bundle.num_classes
         self._input_shape = bundle.input_shape
         self._x = {
@@ -96,7 +98,10 @@ class DeviceData:
                 batch = shuffled[start : start + batch_size]
                 x = self._x["train"][batch]
                 if self.is_image:
-                    x = self._normalize(self._augment(x, generator))
+                    x = self._augment(x, generator)
+                    if self.rotation > 0:
+                        x = self._rotate(x.float(), generator)
+                    x = self._normalize(x)
                 yield x, self._y["train"][batch]
 
     def eval_batches(
@@ -142,6 +147,22 @@ class DeviceData:
         batch = torch.arange(b, device=device)[:, None, None, None]
         channel = torch.arange(c, device=device)[None, :, None, None]
         return x[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+    def _rotate(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """Rotate each image by its own angle in [-rotation, rotation] degrees about its centre.
+
+        Nearest-neighbour sampling with zero fill, as torchvision's RandomRotation does by
+        default, applied to the whole batch by one affine_grid + grid_sample.
+        """
+        b = x.shape[0]
+        uniform = torch.rand(b, generator=generator, device=x.device)
+        angles = torch.deg2rad((2.0 * uniform - 1.0) * self.rotation)
+        cos, sin, zero = angles.cos(), angles.sin(), torch.zeros_like(angles)
+        theta = torch.stack(
+            [torch.stack([cos, -sin, zero], dim=1), torch.stack([sin, cos, zero], dim=1)], dim=1
+        )
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
     def _normalize(self, x: Tensor) -> Tensor:
         return torch.addcmul(self._shift, x.float(), self._scale)
