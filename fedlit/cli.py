@@ -6,10 +6,18 @@ Both subcommands read the same config file, whose sections come from the type hi
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
+from typing import Any
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, lazy_instance
+from jsonargparse import (
+    ActionConfigFile,
+    ArgumentParser,
+    Namespace,
+    lazy_instance,
+    set_parsing_settings,
+)
 
 from fedlit.algorithms import Algorithm, FedAvg
 from fedlit.config import LoggerConfig, TrainerConfig
@@ -55,7 +63,35 @@ def build_run_parser(description: str = "") -> ArgumentParser:
     return parser
 
 
+def build_callback(spec: Any, position: int) -> object:
+    """Instantiate one `{class_path, init_args}` entry of `callbacks`, validating its init_args
+    against the class's signature (callbacks share no base class, so jsonargparse cannot do
+    this from the `list[object]` type of the section)."""
+    spec = spec.as_dict() if isinstance(spec, Namespace) else spec
+    key = f"callbacks[{position}]"
+    if not isinstance(spec, dict) or not isinstance(spec.get("class_path"), str):
+        raise ValueError(
+            f"{key} must be {{class_path: module.Class, init_args: {{...}}}}, got {spec!r}"
+        )
+    module_name, _, class_name = spec["class_path"].rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(
+            f"{key}.class_path: cannot import {spec['class_path']!r} ({error})"
+        ) from None
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--callback", type=cls)
+    try:
+        parsed = parser.parse_object({"callback": spec})
+    except Exception as error:  # jsonargparse reports bad init_args as ArgumentError
+        raise ValueError(f"{key} ({spec['class_path']}): {error}") from None
+    return parser.instantiate(parsed).callback
+
+
 def build_parser() -> ArgumentParser:
+    # Entries of `callbacks` stay {class_path, init_args} specs; build_callback instantiates them.
+    set_parsing_settings(instantiate_subclass_spec_in_any=False)
     parser = ArgumentParser(prog="fedlit", description="Federated learning on Lightning Fabric.")
     subcommands = parser.add_subcommands(dest="command")
     for name, help_text in SUBCOMMANDS.items():
@@ -72,6 +108,7 @@ def to_run_config(parser: ArgumentParser, cfg: Namespace) -> RunConfig:
     command = cfg.command
     try:
         init = parser.instantiate(cfg)[command]
+        callbacks = [build_callback(spec, i) for i, spec in enumerate(init.callbacks or [])]
     except ValueError as error:
         fail(str(error))
     if init.model is None:
@@ -84,7 +121,7 @@ def to_run_config(parser: ArgumentParser, cfg: Namespace) -> RunConfig:
         data=init.data,
         model=init.model,
         algorithm=init.algorithm,
-        callbacks=list(init.callbacks or []),
+        callbacks=callbacks,
         logger=init.logger,
         config_yaml=config_yaml,
     )

@@ -49,9 +49,9 @@ from fedlit.clients import (
 from fedlit.comm import Communicator, FlatLayout, copy_into, named_tensors
 from fedlit.config import LoggerConfig, TrainerConfig
 from fedlit.data.config import DataConfig
-from fedlit.data.datasets import load_dataset
+from fedlit.data.datasets import DataBundle, load_dataset
 from fedlit.data.device import DeviceData
-from fedlit.data.partition import make_partition
+from fedlit.data.partition import Partition, make_partition
 from fedlit.evaluation import SpreadOverClients, client_accuracy, evaluate_global
 from fedlit.local import train_client
 from fedlit.loggers import ConsoleReport, RunFiles
@@ -173,28 +173,46 @@ class Federation:
             copy_into(named_tensors(self.working, list(own)), list(own.values()))
 
 
-def setup(run: RunConfig, fabric: Fabric) -> Federation:
-    """Load data, partition it, build the model: identical on every rank, before training."""
-    if fabric.device.type == "cpu":
-        local_ranks, _ = launch_settings(run.trainer)
-        threads = run.trainer.cpu_threads or max(1, (os.cpu_count() or 1) // local_ranks)
-        torch.set_num_threads(threads)
+@dataclass
+class Loaded:
+    """What a rank needs before it has a device: data, its split, the initial model."""
+
+    bundle: DataBundle
+    partition: Partition
+    model: nn.Module
+    layers: list[Layer]
+
+
+def load(run: RunConfig) -> Loaded:
+    """Load data, partition it and build the model on the CPU: identical on every rank.
+
+    Runs before the ranks are launched, so a missing file, an impossible partition or a broken
+    layer map fails once, at once; the launching process becomes rank 0 and keeps what it loaded.
+    """
+    local_ranks, _ = launch_settings(run.trainer)
+    torch.set_num_threads(run.trainer.cpu_threads or max(1, (os.cpu_count() or 1) // local_ranks))
     bundle = load_dataset(run.data)
     partition = make_partition(run.data, bundle, run.seed)
+    torch.manual_seed(stream_seed(run.seed, Stream.INIT))
+    model = run.model(bundle.num_classes, tuple(bundle.input_shape))
+    layers = model.layer_map()
+    check_layer_map(model, layers)
+    return Loaded(bundle, partition, model, layers)
+
+
+def setup(run: RunConfig, fabric: Fabric, loaded: Loaded) -> Federation:
+    """Move the loaded state to this rank's device and set up its accounting."""
+    device = fabric.device
     data = DeviceData(
-        bundle,
-        fabric.device,
+        loaded.bundle,
+        device,
         crop_padding=run.data.crop_padding,
         hflip=run.data.hflip,
         normalize=run.data.normalize,
         rotation=run.data.rotation,
     )
-    torch.manual_seed(stream_seed(run.seed, Stream.INIT))
-    model = run.model(bundle.num_classes, tuple(bundle.input_shape))
-    layers = model.layer_map()
-    check_layer_map(model, layers)
-    global_model = model.to(fabric.device)
-    device = fabric.device
+    global_model = loaded.model.to(device)
+    partition = loaded.partition
 
     def on_device(parts):
         return [torch.as_tensor(p, dtype=torch.long).to(device) for p in parts]
@@ -208,7 +226,7 @@ def setup(run: RunConfig, fabric: Fabric) -> Federation:
         client_sizes=[len(p) for p in partition.train],
         global_model=global_model,
         working=copy.deepcopy(global_model),
-        layers=layers,
+        layers=loaded.layers,
         local_buffers=ClientStateStore(device),
         comm=Communicator(fabric.world_size),
         per_round=clients_per_round(
@@ -402,9 +420,10 @@ def prepare(run: RunConfig) -> Federation:
     partition, a broken layer map) fails here, before the first round.
     """
     check_before_launch(run)
+    loaded = load(run)
     fabric = make_fabric(run)
     fabric.launch()
-    return setup(run, fabric)
+    return setup(run, fabric, loaded)
 
 
 def train(fed: Federation) -> dict[str, Any] | None:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def plot_curves(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
@@ -35,6 +36,7 @@ def plot_curves(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
                 xs, ys = zip(*points, strict=True)
                 axes.plot(xs, ys, marker="o", markersize=3, label=label)
         axes.set_xlabel("round")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_ylabel(ylabel)
         axes.grid(alpha=0.3)
         if axes.get_legend_handles_labels()[0]:

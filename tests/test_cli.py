@@ -143,3 +143,54 @@ def test_partition_subcommand_prints_counts_and_writes_heat_map(quickstart, caps
     assert "heat map written to" in out
     heat_map = quickstart.parent / "run" / "plots" / "partition.png"
     assert heat_map.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_callbacks_from_the_config_receive_the_hooks(quickstart, tmp_path, monkeypatch):
+    (tmp_path / "my_callbacks.py").write_text(
+        "import json\n"
+        "class RoundLog:\n"
+        "    def __init__(self, path: str, every: int = 1):\n"
+        "        self.path, self.every = path, every\n"
+        "    def on_round_end(self, round, metrics):\n"
+        "        if round % self.every == 0:\n"
+        "            with open(self.path, 'a') as f:\n"
+        "                f.write(json.dumps([round, metrics['train/loss']]) + '\\n')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    log = tmp_path / "rounds.jsonl"
+    callbacks = (
+        f'[{{"class_path": "my_callbacks.RoundLog", "init_args": {{"path": "{log}", "every": 2}}}}]'
+    )
+    main(
+        [
+            "fit",
+            "--config",
+            str(quickstart),
+            "--trainer.rounds",
+            "4",
+            "--logger.quiet",
+            "true",
+            "--callbacks",
+            callbacks,
+        ]
+    )
+    rows = [yaml.safe_load(line) for line in log.read_text().splitlines()]
+    assert [r[0] for r in rows] == [2, 4] and all(r[1] > 0 for r in rows)
+    saved = yaml.safe_load((quickstart.parent / "run" / "config.yaml").read_text())
+    assert saved["callbacks"][0]["class_path"] == "my_callbacks.RoundLog"
+    assert saved["callbacks"][0]["init_args"]["every"] == 2
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ('[{"class_path": "no_such_module.Thing"}]', "callbacks[0].class_path: cannot import"),
+        (
+            '[{"class_path": "fedlit.clients.ClientStateStore", "init_args": {"devize": "cpu"}}]',
+            "callbacks[0] (fedlit.clients.ClientStateStore)",
+        ),
+    ],
+)
+def test_bad_callbacks_are_refused_before_training(quickstart, capsys, spec, expected):
+    err = fail_message(capsys, ["fit", "--config", str(quickstart), "--callbacks", spec])
+    assert expected in err
