@@ -1,6 +1,6 @@
 """The round loop: sample, dispatch, train locally, reduce, evaluate, log.
 
-One round, as data flow (see docs/architecture in the README):
+One round, as data flow:
 1. every rank draws the same client sample from the (seed, round) stream;
 2. each rank runs the sampled clients it owns (client % world_size), one after another, on one
    working model that is reloaded from the global weights for each client;
