@@ -33,7 +33,10 @@ from fedlit.data.report import label_count_table, plot_label_heatmap
         ({"partition": "natural"}, "data.partition=natural needs"),
         ({"local_test": "natural"}, "data.local_test=natural needs"),
         ({"local_test": "label_mix"}, "data.local_test_size must be > 0"),
-        ({"dataset": "synthetic", "hflip": True}, "data.crop_padding, data.hflip and data.rotation"),
+        (
+            {"dataset": "synthetic", "hflip": True},
+            "data.crop_padding, data.hflip and data.rotation",
+        ),
         ({"coarse_labels": True, "dataset": "cifar10"}, "data.coarse_labels is only"),
         ({"synthetic_beta": -0.5}, "data.synthetic_beta must be >= 0"),
         (
