@@ -192,7 +192,10 @@ def test_bf16_mixed_precision_trains_under_autocast(tmp_path):
 
     class DtypeProbe:
         def on_client_start(self, model):
-            model.fc3.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+            self.handle = model.fc3.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+
+        def on_client_end(self):
+            self.handle.remove()
 
     run = make_run(tmp_path, rounds=2, precision="bf16-mixed", callbacks=[DtypeProbe()])
     fed = prepare(run)
