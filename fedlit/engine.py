@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.fabric import Fabric
 from torch import nn
 
@@ -460,7 +461,20 @@ def train(fed: Federation) -> dict[str, Any] | None:
         plot_curves([m for m in fed.history if "test/acc" in m], run.run_dir / "plots")
     report.summary(summary)
     fabric.call("on_fit_end", summary=summary)
+    leave_process_group(fabric)
     return summary if is_main else None
+
+
+def leave_process_group(fabric: Fabric) -> None:
+    """Ranks leave the process group together once the run is done.
+
+    A gloo group still alive at interpreter exit can abort the process in C++ ("terminate called
+    without an active exception"), which torchrun reports as a failed rank; Fabric does not
+    destroy the group it set up, so the engine does.
+    """
+    if dist.is_available() and dist.is_initialized():
+        fabric.barrier()
+        dist.destroy_process_group()
 
 
 def fit(run: RunConfig) -> dict[str, Any] | None:
