@@ -10,18 +10,21 @@ One round, as data flow:
    runs on its schedule, rank 0 writes metrics, checkpoints and plots.
 
 Hooks, in call order (callbacks are plain objects; each receives only the arguments its method
-names): on_fit_start(fabric, model, layers), on_round_start(round, clients),
+names): on_fit_start(fabric, model, layers, federation), on_round_start(round, clients),
 select_layers(round, layers) -> names or None (asked, not called: narrows which layers are
-trained and communicated), on_client_start(round, client, model),
-on_train_batch_end(round, client, step, loss), on_client_end(round, client, model),
-on_aggregate_end(round, global_model), on_evaluate_end(round, metrics),
-on_round_end(round, metrics), on_fit_end(summary).
+trained and communicated; the others are frozen for the round),
+on_client_start(round, client, model), on_train_batch_end(round, client, step, loss),
+on_client_end(round, client, model), on_aggregate_end(round, global_model, clients),
+on_evaluate_end(round, metrics), on_round_end(round, metrics), on_fit_end(summary).
+
+Callbacks may add entries to `metrics` in on_evaluate_end and on_round_end; every rank must
+add the same values (reduce per-rank numbers with `federation.comm` first). The algorithm's own
+optional hooks are described in fedlit.algorithms.base.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import os
 import time
@@ -35,8 +38,7 @@ import torch.distributed as dist
 from lightning.fabric import Fabric
 from torch import nn
 
-from fedlit.algorithms.base import Algorithm
-from fedlit.algorithms.fedavg import WeightedSum
+from fedlit.algorithms.base import Algorithm, ServerStep, call_optional, default_server
 from fedlit.checkpoint import save_checkpoint
 from fedlit.clients import (
     ClientStateStore,
@@ -80,11 +82,7 @@ class RunConfig:
 def ask_callbacks(callbacks: list[Any], query: str, value: Any, **kwargs: Any) -> Any:
     """Pass `value` through every callback that implements `query` (None means unchanged)."""
     for callback in callbacks:
-        method = getattr(callback, query, None)
-        if method is None:
-            continue
-        accepted = inspect.signature(method).parameters
-        answer = method(**{k: v for k, v in kwargs.items() if k in accepted})
+        answer = call_optional(callback, query, **kwargs)
         if answer is not None:
             value = answer
     return value
@@ -143,6 +141,7 @@ class Federation:
     local_buffers: ClientStateStore
     comm: Communicator
     per_round: int
+    server: ServerStep | None = None
     comm_bytes: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -165,13 +164,16 @@ class Federation:
                 floats.extend(b for b in layer.buffers if buffers[b].is_floating_point())
         return params, floats
 
-    def load_client_model(self, client: int) -> None:
-        """Working model := global weights (+ the client's own BN statistics when kept local)."""
-        copy_into(list(self.working.parameters()), list(self.global_model.parameters()))
-        copy_into(list(self.working.buffers()), list(self.global_model.buffers()))
+    def load_client_model(self, client: int, into: nn.Module | None = None) -> nn.Module:
+        """`into` (default: the working model) := the global weights, with the client's own BN
+        statistics when the algorithm keeps them local: the model `client` receives."""
+        model = self.working if into is None else into
+        copy_into(list(model.parameters()), list(self.global_model.parameters()))
+        copy_into(list(model.buffers()), list(self.global_model.buffers()))
         own = self.local_buffers.get(client) if self.run.algorithm.buffers == "local" else None
         if own is not None:
-            copy_into(named_tensors(self.working, list(own)), list(own.values()))
+            copy_into(named_tensors(model, list(own)), list(own.values()))
+        return model
 
 
 @dataclass
@@ -196,6 +198,7 @@ def load(run: RunConfig) -> Loaded:
     partition = make_partition(run.data, bundle, run.seed)
     torch.manual_seed(stream_seed(run.seed, Stream.INIT))
     model = run.model(bundle.num_classes, tuple(bundle.input_shape))
+    model = call_optional(run.algorithm, "build_model", model=model) or model
     layers = model.layer_map()
     check_layer_map(model, layers)
     return Loaded(bundle, partition, model, layers)
@@ -218,7 +221,7 @@ def setup(run: RunConfig, fabric: Fabric, loaded: Loaded) -> Federation:
     def on_device(parts):
         return [torch.as_tensor(p, dtype=torch.long).to(device) for p in parts]
 
-    return Federation(
+    fed = Federation(
         run=run,
         fabric=fabric,
         data=data,
@@ -234,6 +237,17 @@ def setup(run: RunConfig, fabric: Fabric, loaded: Loaded) -> Federation:
             run.data.num_clients, run.trainer.clients_per_round, run.trainer.client_fraction
         ),
     )
+    call_optional(
+        run.algorithm,
+        "setup",
+        global_model=global_model,
+        layers=fed.layers,
+        device=device,
+        federation=fed,
+    )
+    make_server = getattr(run.algorithm, "make_server", None)
+    fed.server = make_server(fed) if make_server is not None else default_server(fed)
+    return fed
 
 
 def make_optimizer(run: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -248,6 +262,8 @@ class RoundPlan:
 
     clients: list[int]
     mine: list[int]
+    active: list[str]  # layers trained and communicated this round (the rest are frozen)
+    trainable: set[str]  # parameter names of the active layers
     reduced: list[str]  # tensors in the all-reduce: trained parameters and their float buffers
     sent_bytes: int  # bytes one client uploads (and downloads) this round
     evaluate: bool
@@ -268,17 +284,35 @@ def plan_round(fed: Federation, round_idx: int) -> RoundPlan:
     return RoundPlan(
         clients=clients,
         mine=owned_clients(clients, fed.rank, fed.world_size),
+        active=list(active),
+        trainable=set(params),
         reduced=params + float_buffers,
         sent_bytes=FlatLayout.of(fed.global_model, sent).nbytes(),
         evaluate=round_idx % run.trainer.eval_every == 0 or round_idx == run.trainer.rounds,
     )
 
 
-def train_one_client(fed: Federation, round_idx: int, client: int) -> torch.Tensor:
+def freeze_inactive(model: nn.Module, trainable: set[str]) -> None:
+    """Parameters outside this round's layers get requires_grad=False: autograd then computes no
+    weight gradient for them and backward stops below the lowest trainable layer."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable)
+
+
+def train_one_client(fed: Federation, plan: RoundPlan, round_idx: int, client: int) -> torch.Tensor:
     """Train `client` from the weights it receives; returns its mean loss (a device tensor)."""
     run, fabric = fed.run, fed.fabric
-    fed.load_client_model(client)
+    fed.server.receive(client, fed.working)
+    freeze_inactive(fed.working, plan.trainable)
     fabric.call("on_client_start", round=round_idx, client=client, model=fed.working)
+    call_optional(
+        run.algorithm,
+        "client_start",
+        round=round_idx,
+        client=client,
+        model=fed.working,
+        global_model=fed.global_model,
+    )
     optimizer = make_optimizer(run, [p for p in fed.working.parameters() if p.requires_grad])
     generator = torch_generator(run.seed, Stream.TRAIN, round_idx, client, device=fabric.device)
     # dropout and other layers that draw from torch's global generator
@@ -294,6 +328,7 @@ def train_one_client(fed: Federation, round_idx: int, client: int) -> torch.Tens
         fed.working, batches, optimizer, run.algorithm, fabric.autocast, on_batch_end
     )
     fabric.call("on_client_end", round=round_idx, client=client, model=fed.working)
+    call_optional(run.algorithm, "client_end", round=round_idx, client=client, model=fed.working)
     if run.algorithm.buffers == "local":
         fed.local_buffers.put(client, dict(fed.working.named_buffers()))
     return loss_sum / max(steps, 1)
@@ -335,29 +370,26 @@ def run_round(fed: Federation, round_idx: int) -> dict[str, Any]:
     run, fabric = fed.run, fed.fabric
     started = time.perf_counter()
     plan = plan_round(fed, round_idx)
-    layout = FlatLayout.of(fed.global_model, plan.reduced)
-    summed = WeightedSum(
-        layout, fabric.device, extras=1, dtype=getattr(torch, run.trainer.reduce_dtype)
-    )
+    fed.server.start_round(plan)
     personal = SpreadOverClients(["acc_local", "acc_global"], fabric.device)
     score_local = plan.evaluate and run.trainer.personal_eval
 
     for client in plan.mine:
-        mean_loss = train_one_client(fed, round_idx, client)
-        weight = float(fed.client_sizes[client])
-        summed.add(named_tensors(fed.working, plan.reduced), weight, extras=[mean_loss * weight])
+        mean_loss = train_one_client(fed, plan, round_idx, client)
+        fed.server.send(client, fed.working, float(fed.client_sizes[client]), mean_loss)
         if score_local:
             personal.add("acc_local", personal_accuracy(fed, client))
 
-    averaged, total_weight, extras = summed.reduce(fed.comm)
-    copy_into(named_tensors(fed.global_model, plan.reduced), averaged)
-    round_bytes = 2 * len(plan.clients) * plan.sent_bytes
+    step = fed.server.finish(plan)
+    round_bytes = step.round_bytes
     fed.comm_bytes += round_bytes
-    fabric.call("on_aggregate_end", round=round_idx, global_model=fed.global_model)
+    fabric.call(
+        "on_aggregate_end", round=round_idx, global_model=fed.global_model, clients=plan.clients
+    )
 
     metrics: dict[str, Any] = {
         "round": round_idx,
-        "train/loss": extras[0] / total_weight,
+        "train/loss": step.train_loss,
         "clients": len(plan.clients),
         "comm/bytes": fed.comm_bytes,
         "comm/round_bytes": round_bytes,
@@ -434,7 +466,9 @@ def train(fed: Federation) -> dict[str, Any] | None:
     files = RunFiles(run.run_dir) if is_main else None
     if files is not None:
         files.write_config(run.config_yaml)
-    fabric.call("on_fit_start", fabric=fabric, model=fed.global_model, layers=fed.layers)
+    fabric.call(
+        "on_fit_start", fabric=fabric, model=fed.global_model, layers=fed.layers, federation=fed
+    )
 
     started = time.perf_counter()
     report = ConsoleReport(

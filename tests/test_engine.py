@@ -171,6 +171,60 @@ def test_select_layers_limits_what_is_aggregated_and_counted(tmp_path):
     assert metrics["comm/round_bytes"] == 2 * 6 * fc3_bytes
 
 
+class GradRecorder:
+    """Records which parameters had a gradient after each client's local training."""
+
+    def __init__(self):
+        self.with_grad = []
+
+    def on_client_end(self, model):
+        self.with_grad.append({n for n, p in model.named_parameters() if p.grad is not None})
+
+
+def test_layers_outside_the_selection_are_frozen_during_local_training(tmp_path):
+    recorder = GradRecorder()
+    fed = prepare(make_run(tmp_path, rounds=1, callbacks=[OnlyLayer("conv2"), recorder]))
+    run_round(fed, 1)
+    # autograd computed weight gradients for the chosen layer only, for every client
+    assert recorder.with_grad == [{"conv2.weight", "conv2.bias"}] * 6
+
+
+class AlgorithmProbe:
+    """FedAvg's loss with every optional algorithm hook recording its call."""
+
+    buffers = "average"
+
+    def __init__(self):
+        self.calls = []
+
+    def loss(self, model, x, y):
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    def setup(self, global_model, layers):
+        self.calls.append(("setup", len(layers)))
+
+    def client_start(self, round, client, model, global_model):
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.calls.append(("client_start", round, client, len(trainable)))
+
+    def client_end(self, round, client):
+        self.calls.append(("client_end", round, client))
+
+
+def test_optional_algorithm_hooks_are_called_around_each_client(tmp_path):
+    run = make_run(tmp_path, rounds=1, callbacks=[OnlyLayer("fc3")])
+    run.algorithm = AlgorithmProbe()
+    fed = prepare(run)
+    run_round(fed, 1)
+    calls = run.algorithm.calls
+    assert calls[0] == ("setup", len(fed.layers))
+    # client_start sees the frozen layers already set: only fc3's two tensors train
+    expected = []
+    for client in range(6):
+        expected += [("client_start", 1, client, 2), ("client_end", 1, client)]
+    assert calls[1:] == expected
+
+
 def test_local_bn_buffers_stay_with_each_client(tmp_path):
     run = make_run(tmp_path, rounds=1, model=ResNet8, buffers="local", personal_eval=False)
     fed = prepare(run)

@@ -1,11 +1,33 @@
-"""What the engine needs from an algorithm, as a structural type (no base class to inherit)."""
+"""What the engine needs from an algorithm, as structural types (no base class to inherit).
+
+An algorithm is two things: a client objective (`loss`) and a server step. Everything else is
+optional and found by name, so FedAvg stays a few lines and a regulariser is one small module:
+
+- `build_model(model) -> nn.Module`: change the architecture once, before the layer map is
+  checked (MOON adds its projection head here).
+- `setup(global_model, layers, device, federation)`: once per rank, after the model is on its
+  device (e.g. keep the initial weights).
+- `client_start(round, client, model, global_model)`: after the client has received its
+  weights, frozen layers are set and callbacks have run, before its optimizer is built
+  (FedProx takes its anchor here, MOON its frozen reference models).
+- `client_end(round, client, model)`: after local training (MOON keeps the client's model).
+- `make_server(federation) -> ServerStep`: replace weighted averaging by another server step
+  (FedMR's recombination); without it the engine uses `fedlit.algorithms.fedavg.AverageServer`.
+
+Each optional method receives only the keyword arguments its signature names.
+"""
 
 from __future__ import annotations
 
-from typing import Literal, Protocol, runtime_checkable
+import inspect
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from fedlit.engine import Federation, RoundPlan
 
 
 @runtime_checkable
@@ -20,3 +42,47 @@ class Algorithm(Protocol):
     buffers: Literal["average", "local"]
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+
+def call_optional(obj: Any, name: str, **kwargs: Any) -> Any:
+    """Call `obj.name` with the keyword arguments its signature accepts; None if it has none."""
+    method = getattr(obj, name, None)
+    if method is None:
+        return None
+    accepted = inspect.signature(method).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        return method(**kwargs)
+    return method(**{k: v for k, v in kwargs.items() if k in accepted})
+
+
+@dataclass
+class StepResult:
+    """What a server step reports back to the round loop (identical on every rank)."""
+
+    train_loss: float  # sample-weighted mean of the clients' mean training losses
+    round_bytes: int  # bytes sent up and down between clients and server this round
+
+
+@runtime_checkable
+class ServerStep(Protocol):
+    """The server's side of one round, run as collectives by every rank.
+
+    The engine calls `start_round` once, then for each client this rank owns: `receive` (write
+    the weights the client starts from into the working model) and, after local training,
+    `send` (take the trained model); then `finish` once, which runs the collectives and leaves
+    the model to evaluate in `federation.global_model` (at least on evaluation rounds).
+    """
+
+    def start_round(self, plan: RoundPlan) -> None: ...
+
+    def receive(self, client: int, model: nn.Module) -> None: ...
+
+    def send(self, client: int, model: nn.Module, weight: float, loss: torch.Tensor) -> None: ...
+
+    def finish(self, plan: RoundPlan) -> StepResult: ...
+
+
+def default_server(federation: Federation) -> ServerStep:
+    from fedlit.algorithms.fedavg import AverageServer
+
+    return AverageServer(federation)

@@ -8,13 +8,17 @@ every rank divides. No rank ever holds more than its own running sum.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedlit.comm import Communicator, FlatLayout, add_scaled
+from fedlit.algorithms.base import StepResult
+from fedlit.comm import Communicator, FlatLayout, add_scaled, copy_into, named_tensors
+
+if TYPE_CHECKING:
+    from fedlit.engine import Federation, RoundPlan
 
 
 class FedAvg:
@@ -91,3 +95,36 @@ class WeightedSum:
         extras = [float(v) for v in self.buffer[start : start + self.extras]]
         self.buffer[:start].div_(total)
         return self.views, total, extras
+
+
+class AverageServer:
+    """FedAvg's server step: every client starts from the global model (plus its own BN
+    statistics under the "local" buffer policy); the trained layers are averaged with one
+    all-reduce that also carries the clients' losses."""
+
+    def __init__(self, federation: Federation) -> None:
+        self.fed = federation
+        self.summed: WeightedSum | None = None
+
+    def start_round(self, plan: RoundPlan) -> None:
+        fed = self.fed
+        dtype = getattr(torch, fed.run.trainer.reduce_dtype)
+        layout = FlatLayout.of(fed.global_model, plan.reduced)
+        self.summed = WeightedSum(layout, fed.fabric.device, extras=1, dtype=dtype)
+
+    def receive(self, client: int, model: nn.Module) -> None:
+        self.fed.load_client_model(client, into=model)
+
+    def send(self, client: int, model: nn.Module, weight: float, loss: torch.Tensor) -> None:
+        tensors = named_tensors(model, self.summed.layout.names)
+        self.summed.add(tensors, weight, extras=[loss * weight])
+
+    def finish(self, plan: RoundPlan) -> StepResult:
+        fed = self.fed
+        averaged, total_weight, extras = self.summed.reduce(fed.comm)
+        copy_into(named_tensors(fed.global_model, plan.reduced), averaged)
+        self.summed = None
+        return StepResult(
+            train_loss=extras[0] / total_weight,
+            round_bytes=2 * len(plan.clients) * plan.sent_bytes,
+        )
