@@ -19,6 +19,9 @@ class Stream(IntEnum):
     INIT = 1
     SAMPLE = 2
     TRAIN = 3
+    RECOMBINE = 4  # FedMR's per-layer permutations, keyed by round
+    SPARSITY = 5  # LIPS's random-score masks, keyed by (round, client)
+    PROBE = 6  # the samples a layer-peeled probe reads, keyed by (round, client)
 
 
 def stream_seed(seed: int, purpose: Stream, *keys: int) -> int:
