@@ -3,7 +3,7 @@
 UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all lint format bootstrap
+.PHONY: demo test test-all bench lint format bootstrap
 
 bootstrap:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -18,10 +18,16 @@ test: bootstrap
 test-all: bootstrap
 	$(UV) run pytest $(PYTEST_ARGS)
 
+# Round-loop benchmark (benchmarks/, results in docs/performance.md); BENCH_ARGS narrows it,
+# e.g. make bench BENCH_ARGS="--models cnn --clients 10 --ranks 1".
+BENCH_ARGS ?=
+bench: bootstrap
+	$(UV) run python -m benchmarks.run_all $(BENCH_ARGS)
+
 lint: bootstrap
-	$(UV) run ruff check fedlit callbacks tests
-	$(UV) run ruff format --check fedlit callbacks tests
+	$(UV) run ruff check fedlit callbacks tests benchmarks
+	$(UV) run ruff format --check fedlit callbacks tests benchmarks
 
 format: bootstrap
-	$(UV) run ruff format fedlit callbacks tests
-	$(UV) run ruff check --fix fedlit callbacks tests
+	$(UV) run ruff format fedlit callbacks tests benchmarks
+	$(UV) run ruff check --fix fedlit callbacks tests benchmarks

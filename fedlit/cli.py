@@ -1,7 +1,9 @@
-"""`fedlit` command line: `fit` trains, `partition` shows how the data is split.
+"""`fedlit` command line: `fit` trains, `partition` shows how the data is split, `compare`
+puts finished runs side by side.
 
-Both subcommands read the same config file, whose sections come from the type hints of
+`fit` and `partition` read the same config file, whose sections come from the type hints of
 `run_arguments` (jsonargparse): a wrong key, type or value is refused before anything runs.
+`compare` reads run directories only.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ SUBCOMMANDS = {
     "fit": "Run federated training.",
     "partition": "Print the per-client label counts and write a heat-map PNG.",
 }
+COMPARE_HELP = "Compare runs: a table (method, accuracy, rounds, bytes, time) and one plot."
 
 
 def run_arguments(
@@ -51,7 +54,7 @@ def run_arguments(
             the data) and its init_args.
         algorithm: class_path of the federated algorithm and its init_args.
         callbacks: Plain objects with hook methods (class_path/init_args each).
-        logger: Console output.
+        logger: Console output, plots and the Weights & Biases run.
     """
 
 
@@ -89,6 +92,19 @@ def build_callback(spec: Any, position: int) -> object:
     return parser.instantiate(parsed).callback
 
 
+def build_compare_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=COMPARE_HELP)
+    parser.add_argument("run_dirs", nargs="+", help="Run directories written by `fedlit fit`.")
+    parser.add_argument(
+        "--plot",
+        type=str | None,
+        default=None,
+        help="Where to write the accuracy-per-round PNG "
+        "(default: compare_accuracy.png next to the first run directory).",
+    )
+    return parser
+
+
 def build_parser() -> ArgumentParser:
     # Entries of `callbacks` stay {class_path, init_args} specs; build_callback instantiates them.
     set_parsing_settings(instantiate_subclass_spec_in_any=False)
@@ -96,6 +112,7 @@ def build_parser() -> ArgumentParser:
     subcommands = parser.add_subcommands(dest="command")
     for name, help_text in SUBCOMMANDS.items():
         subcommands.add_subcommand(name, build_run_parser(help_text), help=help_text)
+    subcommands.add_subcommand("compare", build_compare_parser(), help=COMPARE_HELP)
     return parser
 
 
@@ -146,9 +163,28 @@ def partition_report(run: RunConfig) -> Path:
     return path
 
 
+def compare_command(cfg: Namespace) -> Path:
+    """Print the comparison table of the run directories and write their accuracy plot."""
+    from rich.console import Console
+
+    from fedlit.compare import compare_runs
+
+    plot = Path(cfg.plot) if cfg.plot else None
+    table, path = compare_runs([Path(p) for p in cfg.run_dirs], plot)
+    Console().print(table)
+    print(f"accuracy per round written to {path}")
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     cfg = parser.parse_args(argv)
+    if cfg.command == "compare":
+        try:
+            compare_command(cfg.compare)
+        except ValueError as error:
+            fail(str(error))
+        return
     run = to_run_config(parser, cfg)
     if cfg.command == "partition":
         try:

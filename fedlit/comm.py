@@ -87,3 +87,44 @@ class Communicator:
         if self.distributed:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         return flat
+
+    def all_to_all_single(
+        self,
+        send: torch.Tensor,
+        recv: torch.Tensor,
+        send_splits: Sequence[int],
+        recv_splits: Sequence[int],
+    ) -> torch.Tensor:
+        """Send `send[split d]` to rank d and receive rank s's part into `recv[split s]`, in one
+        call; with one rank the only part is this rank's own, so it is copied locally.
+
+        Counts the bytes this rank puts in (`send`), as `all_reduce_sum` does; a part a rank
+        addresses to itself is counted too, so callers that copy local data themselves leave
+        their own split at 0.
+        """
+        if len(send_splits) != self.world_size or len(recv_splits) != self.world_size:
+            raise ValueError(
+                f"all_to_all_single needs one split per rank ({self.world_size}), got "
+                f"{len(send_splits)} send and {len(recv_splits)} receive splits"
+            )
+        if sum(send_splits) != send.numel() or sum(recv_splits) != recv.numel():
+            raise ValueError(
+                f"splits sum to {sum(send_splits)} sent / {sum(recv_splits)} received elements "
+                f"but the buffers hold {send.numel()} / {recv.numel()}"
+            )
+        self.calls += 1
+        self.collective_bytes += send.numel() * send.element_size()
+        if self.distributed:
+            dist.all_to_all_single(
+                recv,
+                send,
+                output_split_sizes=list(recv_splits),
+                input_split_sizes=list(send_splits),
+            )
+        elif self.world_size == 1:
+            recv.copy_(send)
+        else:
+            raise RuntimeError(
+                f"all_to_all_single over {self.world_size} ranks needs an initialised process group"
+            )
+        return recv

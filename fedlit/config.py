@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -63,8 +64,58 @@ class TrainerConfig:
             raise ValueError(f"trainer.cpu_threads must be >= 1 or null, got {self.cpu_threads}")
 
 
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+@dataclass
+class WandbConfig:
+    """The Weights & Biases run of a fit (rank 0 only; other ranks never create runs).
+
+    `mode: auto` (the default) never makes a run fail for want of a network, an account or the
+    package: online when an API key is configured (WANDB_API_KEY or `wandb login`), offline
+    otherwise, and disabled with a one-line notice when wandb is not installed. `online` and
+    `offline` are explicit requests and stop the run before training when wandb is missing.
+    W&B writes its files under `<dir>/wandb/`; the repository's wandb/ folder is git-ignored.
+    """
+
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "fedlit"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    notes: str | None = None
+    dir: str = "."
+    id: str | None = None
+    init_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in WANDB_MODES:
+            raise ValueError(
+                f"logger.wandb.mode must be one of {', '.join(WANDB_MODES)}, got {self.mode!r}"
+            )
+        if self.init_timeout <= 0:
+            raise ValueError(
+                f"logger.wandb.init_timeout must be > 0 seconds, got {self.init_timeout}"
+            )
+        if not self.project:
+            raise ValueError("logger.wandb.project must be a non-empty string")
+        if self.mode in ("online", "offline") and importlib.util.find_spec("wandb") is None:
+            raise ValueError(
+                f"logger.wandb.mode={self.mode} needs the wandb package, which is not installed "
+                "here: install it (uv sync), or set logger.wandb.mode to auto (W&B off with a "
+                "notice when wandb is missing) or disabled"
+            )
+
+
 @dataclass
 class LoggerConfig:
-    """Console output; the metrics files in run_dir are always written."""
+    """Console output and the W&B run; the files in run_dir are always written.
+
+    `quiet` silences the console (no panel, progress bars or table; W&B's own messages too),
+    for scripts and sweeps. `plots` draws the run's figures into run_dir/plots at the end.
+    """
 
     quiet: bool = False
+    plots: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)

@@ -33,8 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from lightning.fabric import Fabric
 from torch import nn
 
@@ -51,15 +53,17 @@ from fedlit.clients import (
 )
 from fedlit.comm import Communicator, FlatLayout, copy_into, named_tensors
 from fedlit.config import LoggerConfig, TrainerConfig
+from fedlit.dashboard import Dashboard, NoDashboard, open_dashboard
 from fedlit.data.config import DataConfig
 from fedlit.data.datasets import DataBundle, load_dataset
 from fedlit.data.device import DeviceData
 from fedlit.data.partition import Partition, make_partition
+from fedlit.data.report import plot_label_heatmap
 from fedlit.evaluation import SpreadOverClients, client_accuracy, evaluate_global
 from fedlit.local import train_client
-from fedlit.loggers import ConsoleReport, RunFiles
+from fedlit.loggers import ConsoleReport, RunFiles, human_bytes, method_label
 from fedlit.models.layers import Layer, check_layer_map
-from fedlit.plots import plot_curves
+from fedlit.plots import plot_client_accuracy, plot_communication, plot_curves, plot_layer_metrics
 
 ModelFactory = Callable[[int, tuple[int, ...]], nn.Module]
 
@@ -304,7 +308,8 @@ def train_one_client(fed: Federation, plan: RoundPlan, round_idx: int, client: i
     run, fabric = fed.run, fed.fabric
     fed.server.receive(client, fed.working)
     freeze_inactive(fed.working, plan.trainable)
-    fabric.call("on_client_start", round=round_idx, client=client, model=fed.working)
+    # The algorithm sees the weights as received (FedProx anchors to them) before callbacks
+    # may perturb them (LIPS's sparsity).
     call_optional(
         run.algorithm,
         "client_start",
@@ -313,6 +318,7 @@ def train_one_client(fed: Federation, plan: RoundPlan, round_idx: int, client: i
         model=fed.working,
         global_model=fed.global_model,
     )
+    fabric.call("on_client_start", round=round_idx, client=client, model=fed.working)
     optimizer = make_optimizer(run, [p for p in fed.working.parameters() if p.requires_grad])
     generator = torch_generator(run.seed, Stream.TRAIN, round_idx, client, device=fabric.device)
     # dropout and other layers that draw from torch's global generator
@@ -365,8 +371,13 @@ def evaluate_round(fed: Federation, plan: RoundPlan, personal: SpreadOverClients
     return metrics
 
 
-def run_round(fed: Federation, round_idx: int) -> dict[str, Any]:
-    """One federated round; returns the round's metrics (identical on every rank)."""
+def run_round(
+    fed: Federation, round_idx: int, on_client_done: Callable[[int, int], None] | None = None
+) -> dict[str, Any]:
+    """One federated round; returns the round's metrics (identical on every rank).
+
+    `on_client_done(done, total)` is told after each of this rank's clients (progress bars).
+    """
     run, fabric = fed.run, fed.fabric
     started = time.perf_counter()
     plan = plan_round(fed, round_idx)
@@ -374,11 +385,13 @@ def run_round(fed: Federation, round_idx: int) -> dict[str, Any]:
     personal = SpreadOverClients(["acc_local", "acc_global"], fabric.device)
     score_local = plan.evaluate and run.trainer.personal_eval
 
-    for client in plan.mine:
+    for done, client in enumerate(plan.mine, start=1):
         mean_loss = train_one_client(fed, plan, round_idx, client)
         fed.server.send(client, fed.working, float(fed.client_sizes[client]), mean_loss)
         if score_local:
             personal.add("acc_local", personal_accuracy(fed, client))
+        if on_client_done is not None:
+            on_client_done(done, len(plan.mine))
 
     step = fed.server.finish(plan)
     round_bytes = step.round_bytes
@@ -393,6 +406,7 @@ def run_round(fed: Federation, round_idx: int) -> dict[str, Any]:
         "clients": len(plan.clients),
         "comm/bytes": fed.comm_bytes,
         "comm/round_bytes": round_bytes,
+        **step.metrics,
     }
     if plan.evaluate:
         metrics.update(evaluate_round(fed, plan, personal))
@@ -433,17 +447,51 @@ def summarize(fed: Federation, wall_seconds: float) -> dict[str, Any]:
     return summary
 
 
-def describe(fed: Federation) -> str:
-    run = fed.run
-    n_params = sum(p.numel() for p in fed.global_model.parameters())
-    return (
-        f"[bold]fedlit[/bold] {type(run.algorithm).__name__} | data {run.data.dataset} "
-        f"({fed.data.num_train} train / {fed.data.num_test} test, {fed.data.num_classes} classes) | "
-        f"{run.data.num_clients} clients, {fed.per_round} per round, partition {run.data.partition} | "
-        f"model {type(fed.global_model).__name__} ({n_params:,} parameters, {len(fed.layers)} layers) | "
-        f"{fed.world_size} rank(s) on {fed.fabric.device.type}, "
-        f"up to {-(-fed.per_round // fed.world_size)} clients per rank per round"
-    )
+def train_label_counts(fed: Federation) -> np.ndarray:
+    """(clients, classes) training-sample counts of the partition, read from the device data."""
+    num_classes = fed.data.num_classes
+    counts = torch.zeros(len(fed.client_indices), num_classes, dtype=torch.long)
+    for client, indices in enumerate(fed.client_indices):
+        for _, y in fed.data.eval_batches("train", indices, fed.run.trainer.eval_batch_size):
+            counts[client] += torch.bincount(y, minlength=num_classes).cpu()
+    return counts.numpy()
+
+
+def describe(fed: Federation, counts: np.ndarray) -> dict[str, str]:
+    """The start-up panel's rows: what runs where, on which split (`counts`: clients x classes)."""
+    run, data = fed.run, fed.run.data
+    params = list(fed.global_model.parameters())
+    n_params = sum(p.numel() for p in params)
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    sizes = sorted(fed.client_sizes)
+    partition = data.partition + (f"(alpha={data.alpha})" if data.partition == "dirichlet" else "")
+    local_test = "" if data.local_test == "none" else f"; local test splits: {data.local_test}"
+    world, clients = fed.world_size, run.data.num_clients
+    return {
+        "algorithm": method_label(yaml.safe_load(run.config_yaml or "") or {}, run.algorithm),
+        "dataset": (
+            f"{data.dataset}: {fed.data.num_train:,} train / {fed.data.num_test:,} test, "
+            f"{fed.data.num_classes} classes, input {'x'.join(map(str, fed.data.input_shape))}"
+        ),
+        "partition": (
+            f"{partition} over {clients} clients: {sizes[0]}-{sizes[-1]} samples per client "
+            f"(median {sizes[len(sizes) // 2]}), {(counts > 0).sum(axis=1).mean():.1f} of "
+            f"{counts.shape[1]} classes per client on average{local_test}"
+        ),
+        "model": (
+            f"{type(fed.global_model).__name__}: {n_params:,} parameters "
+            f"({human_bytes(param_bytes)}), {len(fed.layers)} layers"
+        ),
+        "ranks": (
+            f"{world} on {fed.fabric.device.type}, {-(-clients // world)} clients per rank "
+            f"(client c on rank c % {world}), up to {-(-fed.per_round // world)} per round"
+        ),
+        "rounds": (
+            f"{run.trainer.rounds}, {fed.per_round} of {clients} clients each, "
+            f"{run.trainer.local_epochs} local epoch(s) of batch {run.trainer.batch_size}"
+        ),
+        "run_dir": str(run.run_dir),
+    }
 
 
 def prepare(run: RunConfig) -> Federation:
@@ -459,8 +507,73 @@ def prepare(run: RunConfig) -> Federation:
     return setup(run, fabric, loaded)
 
 
+@torch.no_grad()
+def final_client_accuracy(fed: Federation) -> tuple[list[float], str]:
+    """Accuracy of the final model each client receives, on its local test split (its training
+    data when there is none), and that split's name. Each rank scores the clients it owns;
+    one all-reduce of (correct, count) per client gives every rank every client's number."""
+    split, parts = "test", fed.client_test_indices
+    if parts is None:
+        split, parts = "train", fed.client_indices
+    n = len(parts)
+    scores = torch.zeros(2 * n, dtype=torch.float64, device=fed.fabric.device)
+    for client in owned_clients(list(range(n)), fed.rank, fed.world_size):
+        model = fed.load_client_model(client)
+        model.eval()
+        for x, y in fed.data.eval_batches(split, parts[client], fed.run.trainer.eval_batch_size):
+            with fed.fabric.autocast():
+                logits = model(x)
+            scores[client] += (logits.argmax(dim=1) == y).sum()
+            scores[n + client] += y.numel()
+    fed.comm.all_reduce_sum(scores)
+    correct, count = scores[:n].tolist(), scores[n:].tolist()
+    return [c / max(k, 1.0) for c, k in zip(correct, count, strict=True)], split
+
+
+def write_plots(
+    fed: Federation, counts: np.ndarray, client_acc: list[float], client_split: str
+) -> list[Path]:
+    """Every figure of the run into run_dir/plots (rank 0)."""
+    plots_dir = fed.run.run_dir / "plots"
+    evaluated = [m for m in fed.history if "test/acc" in m]
+    classes = [str(c) for c in range(counts.shape[1])]
+    return [
+        *plot_curves(evaluated, plots_dir),
+        plot_client_accuracy(
+            evaluated, client_acc, client_split, plots_dir / "client_accuracy.png"
+        ),
+        plot_communication(fed.history, plots_dir / "communication.png"),
+        plot_label_heatmap(counts, classes, plots_dir / "partition.png"),
+        *plot_layer_metrics(fed.history, plots_dir),
+    ]
+
+
+def run_rounds(
+    fed: Federation, report: ConsoleReport, files: RunFiles | None, dashboard: Dashboard
+) -> None:
+    """Every round, with the per-round outputs: metrics.jsonl, W&B, progress, checkpoints."""
+    run = fed.run
+    checkpoint_path = run.run_dir / "checkpoints" / "last.ckpt"
+    on_client_done = report.client_done if files is not None else None
+    with report:
+        for round_idx in range(1, run.trainer.rounds + 1):
+            metrics = run_round(fed, round_idx, on_client_done)
+            fed.history.append(metrics)
+            if files is not None and "test/acc" in metrics:
+                files.append_metrics(metrics)
+            dashboard.log_round(metrics)
+            report.round_done(metrics)
+            every = run.trainer.checkpoint_every
+            last = round_idx == run.trainer.rounds  # the final checkpoint is written by train
+            if files is not None and every and round_idx % every == 0 and not last:
+                save_checkpoint(checkpoint_path, checkpoint_state(fed, round_idx))
+
+
 def train(fed: Federation) -> dict[str, Any] | None:
-    """Run the rounds; returns the summary on rank 0 (None on other ranks)."""
+    """Run the rounds; returns the summary on rank 0 (None on other ranks).
+
+    Rank 0 alone writes files, draws, prints and talks to W&B; other ranks never import wandb.
+    """
     run, fabric = fed.run, fed.fabric
     is_main = fabric.global_rank == 0
     files = RunFiles(run.run_dir) if is_main else None
@@ -469,32 +582,40 @@ def train(fed: Federation) -> dict[str, Any] | None:
     fabric.call(
         "on_fit_start", fabric=fabric, model=fed.global_model, layers=fed.layers, federation=fed
     )
-
-    started = time.perf_counter()
     report = ConsoleReport(
         enabled=is_main and not run.logger.quiet, total_rounds=run.trainer.rounds
     )
-    report.print(describe(fed))
-    checkpoint_path = run.run_dir / "checkpoints" / "last.ckpt"
-    with report:
-        for round_idx in range(1, run.trainer.rounds + 1):
-            metrics = run_round(fed, round_idx)
-            fed.history.append(metrics)
-            if files is not None and "test/acc" in metrics:
-                files.append_metrics(metrics)
-            report.round_done(metrics)
-            every = run.trainer.checkpoint_every
-            if is_main and every and round_idx % every == 0 and round_idx < run.trainer.rounds:
-                save_checkpoint(checkpoint_path, checkpoint_state(fed, round_idx))
-    wall = time.perf_counter() - started
-
-    summary = summarize(fed, wall)
-    if files is not None:
-        save_checkpoint(checkpoint_path, checkpoint_state(fed, run.trainer.rounds))
-        files.write_summary(summary)
-        plot_curves([m for m in fed.history if "test/acc" in m], run.run_dir / "plots")
-    report.summary(summary)
-    fabric.call("on_fit_end", summary=summary)
+    # the partition's label counts feed the start-up panel and the heat map
+    needs_counts = is_main and (report.enabled or run.logger.plots)
+    counts = train_label_counts(fed) if needs_counts else None
+    dashboard: Dashboard = NoDashboard()
+    if is_main:
+        if report.enabled:
+            report.startup(describe(fed, counts), title=f"fedlit fit: {run.run_dir.name}")
+        dashboard = open_dashboard(
+            run.logger.wandb, run.run_dir, run.config_yaml, run.logger.quiet, report.print
+        )
+    try:
+        started = time.perf_counter()
+        run_rounds(fed, report, files, dashboard)
+        summary = summarize(fed, time.perf_counter() - started)
+        # a collective: every rank scores its own clients, whether or not it draws
+        client_acc, client_split = final_client_accuracy(fed) if run.logger.plots else ([], "")
+        if files is not None:
+            save_checkpoint(
+                run.run_dir / "checkpoints" / "last.ckpt",
+                checkpoint_state(fed, run.trainer.rounds),
+            )
+            files.write_summary(summary)
+            if run.logger.plots:
+                write_plots(fed, counts, client_acc, client_split)
+        report.summary(summary)
+        # callbacks may draw their own figures here; the dashboard uploads run_dir/plots after
+        fabric.call("on_fit_end", summary=summary)
+        dashboard.finish(summary, fed.history, run.run_dir / "plots")
+    except BaseException:
+        dashboard.abort()
+        raise
     leave_process_group(fabric)
     return summary if is_main else None
 

@@ -12,6 +12,11 @@ import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# A fit logs to W&B in a test only when the test asks for it (logger.wandb.mode offline or
+# online, which override this); with the default `auto` and no API key every fit would
+# otherwise create an offline run under ./wandb.
+os.environ.setdefault("WANDB_MODE", "disabled")
+
 
 @pytest.fixture(autouse=True)
 def _teardown_process_group():

@@ -23,6 +23,7 @@ def quickstart(tmp_path) -> Path:
     config = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     config["run_dir"] = str(tmp_path / "run")
     config["trainer"]["devices"] = 1
+    config["logger"] = {"wandb": {"mode": "disabled"}}  # no W&B run per test
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -50,6 +50,21 @@ def test_each_epoch_visits_the_clients_indices_exactly_once(device):
     assert y.dtype == torch.int64
 
 
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_a_lone_last_sample_joins_the_batch_before_it(device):
+    """BatchNorm cannot train on one sample: 9 samples in batches of 4 give 4 + 5, not 4+4+1."""
+    bundle = image_bundle()
+    data = DeviceData(bundle, device)
+    indices = torch.arange(9, device=device)
+    batches = collect(data, indices, batch_size=4, epochs=2, device=device)
+    assert [len(y) for _, y in batches] == [4, 5] * 2
+    assert sorted(torch.cat([y for _, y in batches[:2]]).tolist()) == sorted(
+        bundle.train.y[:9].tolist()
+    )
+    # a client with a single sample still trains on it
+    assert [len(y) for _, y in collect(data, indices[:1], 4, 1, device=device)] == [1]
+
+
 def test_batches_are_identified_by_gathering_the_right_samples():
     bundle = image_bundle()
     data = DeviceData(bundle, CPU, normalize=False)

@@ -8,7 +8,7 @@ import torch
 
 from fedlit.algorithms import FedAvg
 from fedlit.checkpoint import load_checkpoint
-from fedlit.config import LoggerConfig, TrainerConfig
+from fedlit.config import LoggerConfig, TrainerConfig, WandbConfig
 from fedlit.data.config import DataConfig
 from fedlit.engine import RunConfig, fit, prepare, run_round
 from fedlit.loggers import read_metrics
@@ -26,6 +26,7 @@ def make_run(tmp_path, rounds=3, callbacks=(), model=None, buffers="average", **
         batch_size=16,
         optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9),
         personal_eval=True,
+        cpu_threads=1,  # tiny models: one thread is faster than two competing ones
     )
     settings.update(trainer)
     return RunConfig(
@@ -44,7 +45,7 @@ def make_run(tmp_path, rounds=3, callbacks=(), model=None, buffers="average", **
         model=model or partial(CNN, padding=2),
         algorithm=FedAvg(buffers=buffers),
         callbacks=list(callbacks),
-        logger=LoggerConfig(quiet=True),
+        logger=LoggerConfig(quiet=True, wandb=WandbConfig(mode="disabled")),
         config_yaml="seed: 0\n",
     )
 
@@ -72,7 +73,8 @@ def test_fit_learns_and_writes_every_output(tmp_path):
     assert saved["rounds"] == 10 and saved["comm_bytes"] == records[-1]["comm/bytes"]
     assert saved["wall_seconds"] > 0
     assert (run_dir / "config.yaml").read_text() == "seed: 0\n"
-    for plot in ("accuracy.png", "loss.png"):
+    plots = ("accuracy", "loss", "client_accuracy", "communication", "partition")
+    for plot in (f"{name}.png" for name in plots):
         assert (run_dir / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
     checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert checkpoint["round"] == 10 and len(checkpoint["metrics"]) == 10

@@ -8,8 +8,8 @@ optional and found by name, so FedAvg stays a few lines and a regulariser is one
 - `setup(global_model, layers, device, federation)`: once per rank, after the model is on its
   device (e.g. keep the initial weights).
 - `client_start(round, client, model, global_model)`: after the client has received its
-  weights, frozen layers are set and callbacks have run, before its optimizer is built
-  (FedProx takes its anchor here, MOON its frozen reference models).
+  weights and frozen layers are set, before callbacks may perturb them (LIPS) and before its
+  optimizer is built (FedProx takes its anchor here, MOON its frozen reference models).
 - `client_end(round, client, model)`: after local training (MOON keeps the client's model).
 - `make_server(federation) -> ServerStep`: replace weighted averaging by another server step
   (FedMR's recombination); without it the engine uses `fedlit.algorithms.fedavg.AverageServer`.
@@ -20,7 +20,7 @@ Each optional method receives only the keyword arguments its signature names.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import torch
@@ -61,6 +61,7 @@ class StepResult:
 
     train_loss: float  # sample-weighted mean of the clients' mean training losses
     round_bytes: int  # bytes sent up and down between clients and server this round
+    metrics: dict[str, float | int] = field(default_factory=dict)  # extra, same on every rank
 
 
 @runtime_checkable

@@ -87,15 +87,21 @@ class DeviceData:
         """`epochs` shuffled passes over `indices` (into the train split), augmented.
 
         Each sample appears once per epoch; the last partial batch is kept so small clients
-        use all their data.
+        use all their data, except that a lone last sample joins the batch before it: BatchNorm
+        cannot train on a batch of one (Dirichlet splits make such client sizes common).
         """
         _check_batch_size(batch_size)
         indices = indices.to(self.device)
+        n = len(indices)
+        starts = list(range(0, n, batch_size))
+        if len(starts) > 1 and n - starts[-1] == 1:
+            starts.pop()
+        ends = starts[1:] + [n]
         for _ in range(epochs):
-            order = torch.randperm(len(indices), generator=generator, device=self.device)
+            order = torch.randperm(n, generator=generator, device=self.device)
             shuffled = indices[order]
-            for start in range(0, len(shuffled), batch_size):
-                batch = shuffled[start : start + batch_size]
+            for start, end in zip(starts, ends, strict=True):
+                batch = shuffled[start:end]
                 x = self._x["train"][batch]
                 if self.is_image:
                     x = self._augment(x, generator)

@@ -1,0 +1,252 @@
+"""LIPS's transient sparsity (Xiao et al., arXiv 2506.00932, 2025).
+
+Every `period` rounds, each client zeroes the lowest-scoring fraction of the eligible conv
+weights of the model it has just received, then trains as usual: the zeroed weights regrow under
+local SGD from the first step (the mask is never enforced). Regrowing them forces updates in the
+middle layers that otherwise barely move after the first rounds ("layer-wise inertia").
+
+Rounds: the official code counts rounds from 0 and sparsifies when i mod P == 0 (0, 5, 10, ...);
+fedlit counts from 1, and fedlit round r is official round i = r - 1, so the scheduled rounds are
+r = 1, 1 + P, 1 + 2P, ... and the density there is d = min(1, u + (1 - u) * (r - 1) / T), with T
+the run's total number of rounds (trainer.rounds).
+
+Everything happens on the client's own rank: the gradient used for scoring is the client's own,
+kept in a per-client store there, and the masks are never sent anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from fedlit.clients import ClientStateStore, Stream, torch_generator
+from fedlit.models.layers import Layer
+
+if TYPE_CHECKING:
+    from fedlit.engine import Federation
+
+log = logging.getLogger(__name__)
+
+Score = Literal["grad_weight", "magnitude", "random"]
+SCORES = ("grad_weight", "magnitude", "random")
+
+
+def is_scheduled(round: int, period: int) -> bool:
+    """Whether fedlit round `round` (1-based) is a sparsity round: official (round - 1) % P == 0."""
+    return (round - 1) % period == 0
+
+
+def density_at(round: int, total_rounds: int, initial_density: float) -> float:
+    """d_i = min(1, u + (1 - u) * i / T) with i = round - 1, the official 0-based round."""
+    i = round - 1
+    return min(1.0, initial_density + (1.0 - initial_density) * i / total_rounds)
+
+
+def kept_count(numel: int, density: float) -> int:
+    """floor(numel * density), robust to the product landing a hair below an integer
+    (0.29 * 100 is 28.999999999999996 in floating point, and 29 weights are meant)."""
+    return min(numel, math.floor(numel * density + 1e-9))
+
+
+def eligible_tensors(model: nn.Module, layers: list[Layer]) -> dict[str, str]:
+    """Parameter name -> layer name of every weight LIPS may sparsify, in layer-map order.
+
+    Eligible: the `weight` of each nn.Conv2d module, except in the stem (the first layer of the
+    map that holds a conv weight) and in the classifier (the last layer of the map). Linear
+    layers, biases and BatchNorm parameters are never eligible.
+    """
+    conv_weights = {
+        f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Conv2d)
+    }
+    per_layer = [(layer, [p for p in layer.params if p in conv_weights]) for layer in layers]
+    stem = next((layer.name for layer, names in per_layer if names), None)
+    classifier = layers[-1].name if layers else None
+    return {
+        name: layer.name
+        for layer, names in per_layer
+        if layer.name not in (stem, classifier)
+        for name in names
+    }
+
+
+def zero_lowest(weight: torch.Tensor, scores: torch.Tensor, density: float) -> None:
+    """Zero, in place, all entries of `weight` but the floor(numel * density) highest scores.
+
+    The count is exact whatever the ties: a stable sort orders equal scores by position (lower
+    flat indices are zeroed first), so the result is also deterministic on every device.
+    """
+    drop = weight.numel() - kept_count(weight.numel(), density)
+    if drop <= 0:
+        return
+    lowest = torch.sort(scores.reshape(-1), stable=True).indices[:drop]
+    with torch.no_grad():
+        weight.view(-1).index_fill_(0, lowest, 0.0)
+
+
+class TransientSparsity:
+    """Zero part of the received conv weights every `period` rounds, per client (LIPS).
+
+    Args:
+        period: P; rounds 1, 1 + P, 1 + 2P, ... are sparsity rounds (official 0, P, 2P, ...).
+        initial_density: u, the fraction of each eligible tensor kept at the first round
+            (LIPS: 0.5 on CIFAR-10, 0.3 on CIFAR-100); the density grows linearly to 1 at the
+            last round.
+        score: "grad_weight" |g_k * w| with g_k the client's gradient from the last minibatch
+            of its previous local training (|w| for a tensor the client has no gradient for
+            yet, e.g. at its first participation); "magnitude" |w|; "random" uniform scores
+            from the (seed, SPARSITY, round, client) stream.
+        offload: keep the stored gradients on the CPU instead of the device (they take one
+            copy of the eligible weights per client).
+    """
+
+    def __init__(
+        self,
+        period: int = 5,
+        initial_density: float = 0.5,
+        score: Score = "grad_weight",
+        offload: bool = False,
+    ) -> None:
+        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+            raise ValueError(f"TransientSparsity.period must be an integer >= 1, got {period!r}")
+        if not 0.0 < initial_density <= 1.0:
+            raise ValueError(
+                "TransientSparsity.initial_density must be in (0, 1] (the fraction of weights "
+                f"kept at the first sparsity round; LIPS: 0.5 or 0.3), got {initial_density}"
+            )
+        if score not in SCORES:
+            raise ValueError(
+                f"TransientSparsity.score must be one of {list(SCORES)}, got {score!r}"
+            )
+        self.period = period
+        self.initial_density = float(initial_density)
+        self.score = score
+        self.offload = offload
+        self._fed: Federation | None = None
+        self._eligible: dict[str, str] = {}
+        self._layers: list[str] = []
+        self._layer_index: dict[str, int] = {}
+        self._grads: ClientStateStore | None = None
+        self._pending: dict[int, dict[str, torch.Tensor]] | None = None
+        self._counts: torch.Tensor | None = None
+
+    # ---- hooks -------------------------------------------------------------------------------
+
+    def on_fit_start(self, model: nn.Module, layers: list[Layer], federation: Federation) -> None:
+        self._fed = federation
+        self._eligible = eligible_tensors(model, layers)
+        self._layers = list(dict.fromkeys(self._eligible.values()))
+        self._layer_index = {layer: i for i, layer in enumerate(self._layers)}
+        self._grads = ClientStateStore(federation.fabric.device, offload=self.offload)
+        if self._pending is not None:
+            self._grads.load_state_dict(self._pending)
+            self._pending = None
+        if not self._eligible:
+            log.warning(
+                "TransientSparsity: %s has no eligible conv weight (conv weights outside the "
+                "stem and the classifier); nothing will be sparsified",
+                type(model).__name__,
+            )
+
+    def density(self, round: int) -> float:
+        """The density of `round` (1 on rounds that are not sparsity rounds)."""
+        if not is_scheduled(round, self.period):
+            return 1.0
+        return density_at(round, self._fed.run.trainer.rounds, self.initial_density)
+
+    def on_round_start(self, round: int) -> None:
+        if is_scheduled(round, self.period):
+            # [kept per layer..., numel per layer..., clients, clients scored by their gradient]
+            size = 2 * len(self._layers) + 2
+            self._counts = torch.zeros(size, dtype=torch.float64, device=self._fed.fabric.device)
+
+    def on_client_start(self, round: int, client: int, model: nn.Module) -> None:
+        if not is_scheduled(round, self.period) or self._counts is None:
+            return
+        density = self.density(round)
+        params = dict(model.named_parameters())
+        stored = self._grads.get(client) if self.score == "grad_weight" else None
+        generator = None
+        if self.score == "random":
+            device = next(model.parameters()).device
+            generator = torch_generator(
+                self._fed.run.seed, Stream.SPARSITY, round, client, device=device
+            )
+        n = len(self._layers)
+        for name, layer in self._eligible.items():
+            weight = params[name]
+            # A frozen weight (partial training) could not regrow and is not sent back: leave it.
+            if not weight.requires_grad:
+                continue
+            gradient = stored.get(name) if stored is not None else None
+            zero_lowest(weight, self._scores(weight, gradient, generator), density)
+            index = self._layer_index[layer]
+            self._counts[index] += torch.count_nonzero(weight.detach())
+            self._counts[n + index] += weight.numel()
+        self._counts[2 * n] += 1.0
+        self._counts[2 * n + 1] += float(stored is not None)
+
+    def on_client_end(self, client: int, model: nn.Module) -> None:
+        if self.score != "grad_weight" or not self._eligible:
+            return
+        params = dict(model.named_parameters())
+        grads = {n: params[n].grad for n in self._eligible if params[n].grad is not None}
+        if len(grads) < len(self._eligible):
+            # Tensors frozen this round keep the gradient of the last round that trained them.
+            grads = {**(self._grads.get(client) or {}), **grads}
+        if grads:
+            self._grads.put(client, grads)
+
+    def on_round_end(self, round: int, metrics: dict[str, Any]) -> None:
+        if not is_scheduled(round, self.period) or self._counts is None:
+            return
+        counts = self._fed.comm.all_reduce_sum(self._counts).tolist()  # one collective
+        self._counts = None
+        metrics.update(self._metrics(round, counts))
+
+    # ---- state for resuming ------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stored gradients of the clients this rank owns, as CPU tensors."""
+        if self._grads is None:
+            return {"grads": dict(self._pending or {})}
+        return {"grads": self._grads.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        grads = {int(c): dict(t) for c, t in state["grads"].items()}
+        if self._grads is None:  # before on_fit_start: applied once the device is known
+            self._pending = grads
+        else:
+            self._grads.load_state_dict(grads)
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _scores(
+        self,
+        weight: torch.Tensor,
+        gradient: torch.Tensor | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        w = weight.detach()
+        if self.score == "random":
+            return torch.rand(w.shape, generator=generator, device=w.device, dtype=torch.float32)
+        if self.score == "grad_weight" and gradient is not None:
+            return (gradient.to(w.dtype) * w).abs()
+        return w.abs()
+
+    def _metrics(self, round: int, counts: list[float]) -> dict[str, float]:
+        n = len(self._layers)
+        metrics = {"sparsity/target_density": self.density(round)}
+        kept, total = counts[:n], counts[n : 2 * n]
+        if sum(total) > 0:
+            metrics["sparsity/density"] = sum(kept) / sum(total)
+        for layer, k, t in zip(self._layers, kept, total, strict=True):
+            if t > 0:
+                metrics[f"layer/{layer}/density"] = k / t
+        clients, scored = counts[2 * n], counts[2 * n + 1]
+        if self.score == "grad_weight" and clients > 0:
+            metrics["sparsity/grad_scored"] = scored / clients
+        return metrics

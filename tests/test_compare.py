@@ -1,0 +1,76 @@
+"""`fedlit compare`: a table of several runs and one accuracy plot, from their run dirs."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from fedlit.cli import main
+from fedlit.compare import compare_runs, load_run, run_labels
+from fedlit.loggers import RunFiles
+
+CONFIG = "algorithm:\n  class_path: fedlit.algorithms.{name}\n  init_args:\n    mu: 0.1\n"
+
+
+def write_run(path, name: str, accs: list[float], summary: bool = True):
+    """A run directory as RunFiles writes it during and after a fit."""
+    files = RunFiles(path)
+    files.write_config(CONFIG.format(name=name))
+    for r, acc in enumerate(accs, start=1):
+        files.append_metrics(
+            {"round": r, "test/acc": acc, "test/loss": 1.0, "comm/bytes": r * 1024}
+        )
+    if summary:
+        best = max(range(len(accs)), key=accs.__getitem__)
+        files.write_summary(
+            {
+                "best_test_acc": accs[best],
+                "best_round": best + 1,
+                "final_test_acc": accs[-1],
+                "rounds": len(accs),
+                "wall_seconds": 12.5,
+                "comm_bytes": len(accs) * 1024,
+            }
+        )
+    return path
+
+
+def text_of(table) -> str:
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    console.print(table)
+    return console.file.getvalue()
+
+
+def test_compare_table_and_plot(tmp_path):
+    a = write_run(tmp_path / "runs" / "fedavg", "FedAvg", [0.5, 0.8, 0.7])
+    b = write_run(tmp_path / "runs" / "prox", "FedProx", [0.6, 0.75])
+    c = write_run(tmp_path / "other" / "prox", "FedProx", [0.4], summary=False)  # still running
+    table, plot = compare_runs([a, b, c])
+    assert plot == tmp_path / "runs" / "compare_accuracy.png"
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    rows = [line.split("│")[1:-1] for line in text_of(table).splitlines() if line.count("│") > 2]
+    cells = [[cell.strip() for cell in row] for row in rows]
+    assert cells == [
+        ["fedavg", "FedAvg(mu=0.1)", "0.8000", "2", "0.7000", "3", "3.0 KiB", "12.5 s"],
+        [str(b), "FedProx(mu=0.1)", "0.7500", "2", "0.7500", "2", "2.0 KiB", "12.5 s"],
+        [str(c), "FedProx(mu=0.1)", "0.4000", "1", "0.4000", "1", "1.0 KiB", "running"],
+    ]
+    assert run_labels([a, b, c]) == ["fedavg", str(b), str(c)]
+    assert load_run(b, "b").curve == ([1, 2], [0.6, 0.75])
+
+
+def test_compare_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # rich fits the table to the terminal's width
+    a = write_run(tmp_path / "a", "FedAvg", [0.5, 0.9])
+    b = write_run(tmp_path / "b", "MOON", [0.7, 0.8])
+    main(["compare", str(a), str(b), "--plot", str(tmp_path / "cmp.png")])
+    out = capsys.readouterr().out
+    assert "MOON(mu=0.1)" in out and "0.9000" in out
+    assert f"accuracy per round written to {tmp_path / 'cmp.png'}" in out
+    assert (tmp_path / "cmp.png").is_file()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", str(a), str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
+    assert "missing: no metrics.jsonl here" in capsys.readouterr().err

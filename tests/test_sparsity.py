@@ -1,0 +1,296 @@
+"""TransientSparsity (LIPS): schedule, exact per-tensor zero counts, per-client masks."""
+
+import math
+from functools import partial
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT
+
+from callbacks.sparsity import (
+    TransientSparsity,
+    density_at,
+    eligible_tensors,
+    is_scheduled,
+    kept_count,
+    zero_lowest,
+)
+from fedlit.algorithms import FedAvg
+from fedlit.cli import main
+from fedlit.config import LoggerConfig, TrainerConfig, WandbConfig
+from fedlit.data.config import DataConfig
+from fedlit.engine import RunConfig, fit, prepare, run_round
+from fedlit.loggers import read_metrics
+from fedlit.models import CNN, VGG11, ResNet8
+
+TINY_VGG = partial(VGG11, cfg=(4, "M", 8, "M", 8, "M"))
+ELIGIBLE = {"body.conv2.weight": "conv2", "body.conv3.weight": "conv3"}
+
+
+def make_run(tmp_path, callbacks, rounds=3, **trainer):
+    settings = dict(
+        rounds=rounds,
+        devices=1,
+        accelerator="cpu",
+        local_epochs=1,
+        batch_size=16,
+        optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9),
+        cpu_threads=1,  # the tests share two cores; oversubscribed threads are far slower
+    )
+    settings.update(trainer)
+    return RunConfig(
+        seed=0,
+        run_dir=tmp_path / "run",
+        trainer=TrainerConfig(**settings),
+        data=DataConfig(dataset="digits", num_clients=4, partition="dirichlet", min_samples=20),
+        model=TINY_VGG,
+        algorithm=FedAvg(),
+        callbacks=list(callbacks),
+        logger=LoggerConfig(quiet=True, wandb=WandbConfig(mode="disabled")),
+    )
+
+
+def start(run):
+    """prepare + on_fit_start, as `fit` does before its first round."""
+    fed = prepare(run)
+    fed.fabric.call(
+        "on_fit_start", fabric=fed.fabric, model=fed.global_model, layers=fed.layers, federation=fed
+    )
+    return fed
+
+
+def test_density_schedule():
+    # official round i = fedlit round - 1; d_i = min(1, u + (1 - u) i / T)
+    assert density_at(1, 300, 0.5) == 0.5
+    assert density_at(6, 300, 0.5) == pytest.approx(0.5 + 0.5 * 5 / 300)
+    assert density_at(151, 300, 0.3) == pytest.approx(0.65)
+    assert density_at(296, 300, 0.3) == pytest.approx(0.3 + 0.7 * 295 / 300)
+    assert density_at(301, 300, 0.5) == 1.0
+    assert density_at(400, 300, 0.5) == 1.0
+    assert [r for r in range(1, 17) if is_scheduled(r, 5)] == [1, 6, 11, 16]
+    assert all(is_scheduled(r, 1) for r in range(1, 5))
+    assert kept_count(100, 0.29) == 29  # 0.29 * 100 == 28.999999999999996
+    assert kept_count(2400, 0.5 + 0.5 * 5 / 300) == math.floor(2400 * (0.5 + 0.5 / 60))
+    assert kept_count(7, 1.0) == 7
+
+
+def test_eligible_tensors_skip_stem_classifier_linear_bias_and_bn():
+    vgg = TINY_VGG(10, (1, 8, 8))
+    assert eligible_tensors(vgg, vgg.layer_map()) == ELIGIBLE
+    cnn = CNN(10, (1, 8, 8), padding=2)
+    assert eligible_tensors(cnn, cnn.layer_map()) == {"conv2.weight": "conv2"}
+    resnet = ResNet8(10)
+    assert list(eligible_tensors(resnet, resnet.layer_map())) == [
+        "s1.conv1.weight",
+        "s1.conv2.weight",
+        "s2.conv1.weight",
+        "s2.conv2.weight",
+        "s2.downsample.conv.weight",
+        "s3.conv1.weight",
+        "s3.conv2.weight",
+        "s3.downsample.conv.weight",
+    ]
+
+
+def test_zero_lowest_is_exact_with_ties():
+    weight = torch.ones(10)
+    zero_lowest(weight, torch.zeros(10), 0.35)  # keep floor(3.5) = 3
+    assert weight.tolist() == [0.0] * 7 + [1.0] * 3
+    weight = torch.arange(1.0, 9.0)
+    scores = torch.tensor([5.0, 1.0, 1.0, 1.0, 9.0, 1.0, 7.0, 8.0])
+    zero_lowest(weight, scores, 0.5)
+    assert weight.tolist() == [1.0, 0.0, 0.0, 0.0, 5.0, 0.0, 7.0, 8.0]
+
+
+class Received:
+    """After the sparsity callback (placed before it): what each client starts training from,
+    the global model it was derived from, and each client's last-minibatch gradient."""
+
+    def __init__(self):
+        self.models = {}
+        self.grads = {}
+
+    def on_fit_start(self, model):
+        self.global_model = model
+
+    def on_client_start(self, round, client, model):
+        self.models[round, client] = {
+            "received": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "global": {k: v.detach().clone() for k, v in self.global_model.state_dict().items()},
+        }
+
+    def on_client_end(self, round, client, model):
+        params = dict(model.named_parameters())
+        self.grads[round, client] = {
+            n: params[n].grad.clone() for n in ELIGIBLE if params[n].grad is not None
+        }
+
+
+def expected_mask(scores, density):
+    keep = kept_count(scores.numel(), density)
+    order = torch.sort(scores.reshape(-1), stable=True).indices
+    mask = torch.ones(scores.numel(), dtype=torch.bool)
+    mask[order[: scores.numel() - keep]] = False
+    return mask.view_as(scores)
+
+
+def test_exact_zeros_in_eligible_tensors_only_on_scheduled_rounds(tmp_path):
+    received = Received()
+    sparsity = TransientSparsity(period=2, initial_density=0.5, score="magnitude")
+    fed = start(make_run(tmp_path, [sparsity, received], rounds=3))
+    metrics = [run_round(fed, r) for r in (1, 2, 3)]
+    for (round, client), seen in received.models.items():
+        density = density_at(round, 3, 0.5) if round in (1, 3) else 1.0
+        for name, tensor in seen["received"].items():
+            original = seen["global"][name]
+            if name not in ELIGIBLE or round == 2:
+                assert torch.equal(tensor, original), (round, client, name)
+                continue
+            assert torch.count_nonzero(original) == original.numel()
+            zeros = tensor.numel() - kept_count(tensor.numel(), density)
+            assert int((tensor == 0).sum()) == zeros, (round, name)
+            mask = expected_mask(original.abs(), density)
+            assert torch.equal(tensor, original * mask)
+    assert metrics[0]["sparsity/target_density"] == 0.5
+    assert metrics[0]["sparsity/density"] == pytest.approx(0.5, abs=0.01)
+    assert metrics[2]["sparsity/target_density"] == pytest.approx(0.5 + 0.5 * 2 / 3)
+    assert "sparsity/density" not in metrics[1]
+    assert metrics[0]["layer/conv3/density"] == 288 / 576  # 8 * 8 * 3 * 3 weights
+
+
+def test_grad_weight_masks_follow_each_clients_own_gradient(tmp_path):
+    received = Received()
+    sparsity = TransientSparsity(period=2, initial_density=0.5, score="grad_weight")
+    fed = start(make_run(tmp_path, [sparsity, received], rounds=3))
+    metrics = [run_round(fed, r) for r in (1, 2, 3)]
+    masks = {}
+    for client in range(4):
+        first, third = received.models[1, client], received.models[3, client]
+        for name in ELIGIBLE:
+            # first participation: no gradient yet, |w| decides
+            w = first["global"][name]
+            assert torch.equal(first["received"][name], w * expected_mask(w.abs(), 0.5))
+            # later: |g * w| with the client's last minibatch gradient of round 2
+            w = third["global"][name]
+            density = density_at(3, 3, 0.5)
+            mask = expected_mask((received.grads[2, client][name] * w).abs(), density)
+            assert torch.equal(third["received"][name], w * mask)
+            masks[client, name] = mask
+    for name in ELIGIBLE:
+        assert not torch.equal(masks[0, name], masks[1, name])
+        assert not torch.equal(masks[2, name], masks[3, name])
+    assert metrics[0]["sparsity/grad_scored"] == 0.0
+    assert metrics[2]["sparsity/grad_scored"] == 1.0
+
+
+def test_random_scores_are_per_client_and_reproducible(tmp_path):
+    def masks(path):
+        received = Received()
+        fed = start(make_run(path, [TransientSparsity(score="random"), received], rounds=1))
+        run_round(fed, 1)
+        return {c: received.models[1, c]["received"]["body.conv3.weight"] != 0 for c in range(4)}
+
+    first, second = masks(tmp_path / "a"), masks(tmp_path / "b")
+    assert all(torch.equal(first[c], second[c]) for c in range(4))
+    assert not torch.equal(first[0], first[1])
+    assert all(int(m.sum()) == 288 for m in first.values())
+
+
+class OnlyLayer:
+    def __init__(self, name):
+        self.name = name
+
+    def select_layers(self):
+        return [self.name]
+
+
+def test_frozen_layers_are_left_dense(tmp_path):
+    received = Received()
+    callbacks = [OnlyLayer("conv2"), TransientSparsity(score="magnitude"), received]
+    fed = start(make_run(tmp_path, callbacks, rounds=1))
+    metrics = run_round(fed, 1)
+    seen = received.models[1, 0]
+    assert torch.equal(seen["received"]["body.conv3.weight"], seen["global"]["body.conv3.weight"])
+    assert int((seen["received"]["body.conv2.weight"] == 0).sum()) == 4 * 8 * 9 // 2
+    assert "layer/conv3/density" not in metrics and metrics["sparsity/density"] == 0.5
+
+
+def test_stored_gradients_survive_state_dict(tmp_path):
+    sparsity = TransientSparsity(period=2)
+    fed = start(make_run(tmp_path, [sparsity], rounds=2))
+    run_round(fed, 1)
+    state = sparsity.state_dict()
+    assert sorted(state["grads"]) == [0, 1, 2, 3]
+    assert set(state["grads"][0]) == set(ELIGIBLE)
+    restored = TransientSparsity(period=2)
+    restored.load_state_dict(state)  # before on_fit_start, as a resumed run would
+    start(make_run(tmp_path / "resumed", [restored], rounds=2))
+    for client, tensors in state["grads"].items():
+        for name, tensor in tensors.items():
+            assert torch.equal(restored.state_dict()["grads"][client][name], tensor)
+
+
+def test_metrics_in_a_short_run(tmp_path):
+    run = make_run(tmp_path, [TransientSparsity(period=2, initial_density=0.3)], rounds=3)
+    fit(run)
+    records = read_metrics(run.run_dir / "metrics.jsonl")
+    assert [("sparsity/density" in r) for r in records] == [True, False, True]
+    assert records[0]["sparsity/target_density"] == pytest.approx(0.3)
+    assert records[2]["sparsity/density"] == pytest.approx(0.3 + 0.7 * 2 / 3, abs=0.01)
+    assert records[-1]["test/acc"] > 0.3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"period": 0}, "TransientSparsity.period must be an integer >= 1"),
+        ({"initial_density": 0.0}, r"TransientSparsity.initial_density must be in \(0, 1\]"),
+        ({"initial_density": 1.5}, r"TransientSparsity.initial_density must be in \(0, 1\]"),
+        ({"score": "taylor"}, "TransientSparsity.score must be one of"),
+    ],
+)
+def test_bad_settings_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TransientSparsity(**kwargs)
+
+
+def quickstart_with_lips(tmp_path, devices):
+    """The demo config (digits, CNN, 10 clients) with both LIPS callbacks, on `devices` ranks."""
+    config = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    run_dir = tmp_path / f"ranks{devices}"
+    config["run_dir"] = str(run_dir)
+    config["trainer"].update(rounds=3, devices=devices, accelerator="cpu", cpu_threads=1)
+    config["callbacks"] = [
+        {"class_path": "callbacks.sparsity.TransientSparsity", "init_args": {"period": 2}},
+        {"class_path": "callbacks.inertia.LayerInertia", "init_args": {"reference_round": 1}},
+    ]
+    config["logger"] = {"quiet": True, "wandb": {"mode": "disabled"}}
+    path = tmp_path / f"config{devices}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, run_dir
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_log_what_one_rank_logs(cli, tmp_path):
+    """Per-client gradients stay on their owner's rank and the per-rank sums of both callbacks
+    are reduced across ranks: 1 and 2 ranks log the same LIPS metrics."""
+    records = {}
+    for devices in (1, 2):
+        config, run_dir = quickstart_with_lips(tmp_path, devices)
+        if devices == 1:  # in this process, through the same CLI entry point
+            main(["fit", "--config", str(config)])
+        else:
+            result = cli("fit", "--config", str(config))
+            assert result.returncode == 0, result.stderr[-3000:]
+        records[devices] = read_metrics(run_dir / "metrics.jsonl")
+    lips_keys = [k for k in records[1][-1] if k.startswith(("layer/", "sparsity/"))]
+    assert "layer/conv2/grad_norm" in lips_keys and "sparsity/grad_scored" in lips_keys
+    for one, two in zip(records[1], records[2], strict=True):
+        assert {k for k in one if k.startswith(("layer/", "sparsity/"))} == {
+            k for k in two if k.startswith(("layer/", "sparsity/"))
+        }
+        for key in one:
+            if key.startswith(("layer/", "sparsity/")):
+                assert two[key] == pytest.approx(one[key], rel=1e-9, abs=1e-12), key
+    assert (tmp_path / "ranks2" / "plots" / "inertia_cosine.png").exists()
