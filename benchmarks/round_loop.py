@@ -1,11 +1,11 @@
 """Seconds per FedAvg round against the limit: a plain PyTorch loop doing the same SGD steps.
 
 One process run measures one case (model, clients, ranks): it builds CIFAR-10-shaped random
-data (uint8, 3x32x32, 10 classes; no download), runs warm-up and timed FedAvg rounds through the
-real engine (no evaluation in the timed rounds), then, in the same process on rank 0, a plain
-loop: one model, one optimizer, the same batches from the same device-side batcher (same batch
+data (uint8, 3x32x32, 10 classes; no download) and alternates FedAvg rounds through the real
+engine (no evaluation in the timed rounds) with rounds of a plain loop in the same process on
+rank 0: one model, one optimizer, the same batches from the same device-side batcher (same batch
 size, augmentation and number of steps), with no reloads, no aggregation and no collectives.
-The ratio of the two is fedlit's overhead. Run it as
+The ratio of their medians is fedlit's overhead. Run it as
 
     python -m benchmarks.round_loop --model resnet8 --clients 10 --ranks 2 --json out.json
 
@@ -15,6 +15,7 @@ The ratio of the two is fedlit's overhead. Run it as
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -49,7 +50,7 @@ class Case:
     samples_per_client: int = 128
     batch_size: int = 32
     local_epochs: int = 1
-    rounds: int = 3
+    rounds: int = 5
     warmup: int = 1
     accelerator: str = "cpu"
     precision: str = "32-true"
@@ -103,62 +104,74 @@ def load_case(case: Case, run: RunConfig) -> Loaded:
     return Loaded(bundle, partition, model, model.layer_map())
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    if dist.is_initialized():
-        dist.barrier()
+class PlainLoop:
+    """The limit: the same SGD steps as one round (same model, batches, augmentation and
+    device), one model and one optimizer, with nothing federated around them."""
 
+    def __init__(self, fed, case: Case) -> None:
+        self.fed, self.case = fed, case
+        self.model = copy.deepcopy(fed.global_model).train()
+        for param in self.model.parameters():
+            param.requires_grad_(True)
+        self.optimizer = fed.run.trainer.optimizer(self.model.parameters())
 
-def time_rounds(fed, case: Case) -> list[float]:
-    for round_idx in range(1, case.warmup + 1):
-        run_round(fed, round_idx)
-    seconds = []
-    for round_idx in range(case.warmup + 1, case.warmup + case.rounds + 1):
-        synchronize(fed.fabric.device)
-        started = time.perf_counter()
-        run_round(fed, round_idx)
-        synchronize(fed.fabric.device)
-        seconds.append(time.perf_counter() - started)
-    return seconds
-
-
-def time_plain_loop(fed, case: Case) -> list[float]:
-    """The same SGD steps as one round, with nothing federated around them."""
-    device = fed.fabric.device
-    torch.set_num_threads(os.cpu_count() or 1)  # the limit may use the whole machine
-    model = fed.working
-    model.load_state_dict(fed.global_model.state_dict())
-    for param in model.parameters():
-        param.requires_grad_(True)
-    optimizer = fed.run.trainer.optimizer(model.parameters())
-    model.train()
-
-    def one_round(round_idx: int) -> None:
+    def round(self, round_idx: int) -> None:
+        fed, case, device = self.fed, self.case, self.fed.fabric.device
         for client in range(case.clients):
             generator = torch_generator(0, Stream.TRAIN, round_idx, client, device=device)
             batches = fed.data.train_batches(
                 fed.client_indices[client], case.batch_size, case.local_epochs, generator
             )
             for x, y in batches:
-                optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad(set_to_none=True)
                 with fed.fabric.autocast():
-                    loss = torch.nn.functional.cross_entropy(model(x), y)
+                    loss = torch.nn.functional.cross_entropy(self.model(x), y)
                 loss.backward()
-                optimizer.step()
+                self.optimizer.step()
 
-    for round_idx in range(1, case.warmup + 1):
-        one_round(round_idx)
-    seconds = []
-    for round_idx in range(case.warmup + 1, case.warmup + case.rounds + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        one_round(round_idx)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds.append(time.perf_counter() - started)
-    return seconds
+
+def timed(device: torch.device, work) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    work()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def time_interleaved(fed, case: Case) -> tuple[list[float], list[float]]:
+    """Federated and plain rounds alternate, so drift in the machine's speed hits both alike.
+
+    Federated rounds use every rank; the plain round runs on rank 0 with all the machine's
+    threads while the other ranks wait at a barrier.
+    """
+    device, rank0 = fed.fabric.device, fed.fabric.global_rank == 0
+    plain = PlainLoop(fed, case) if rank0 else None
+    rank_threads, all_threads = torch.get_num_threads(), os.cpu_count() or 1
+    federated_s, plain_s = [], []
+    for round_idx in range(1, case.warmup + case.rounds + 1):
+        if dist.is_initialized():
+            dist.barrier()
+        seconds = timed(device, lambda r=round_idx: run_round(fed, r))
+        if dist.is_initialized():
+            dist.barrier()  # a round ends when its slowest rank is done
+            seconds = max_over_ranks(seconds)
+        if rank0:
+            torch.set_num_threads(all_threads)
+            plain_seconds = timed(device, lambda r=round_idx: plain.round(r))
+            torch.set_num_threads(rank_threads)
+        if round_idx > case.warmup:
+            federated_s.append(seconds)
+            if rank0:
+                plain_s.append(plain_seconds)
+    return federated_s, plain_s
+
+
+def max_over_ranks(seconds: float) -> float:
+    value = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -175,10 +188,9 @@ def measure(case: Case) -> dict | None:
     fabric.launch()
     fed = setup(run, fabric, loaded)
     threads_per_rank = torch.get_num_threads()
-    federated = time_rounds(fed, case)
+    federated, plain = time_interleaved(fed, case)
     calls_per_round = fed.comm.calls / (case.warmup + case.rounds)
     bytes_per_round = fed.comm.collective_bytes / (case.warmup + case.rounds)
-    plain = time_plain_loop(fed, case) if fabric.global_rank == 0 else []
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

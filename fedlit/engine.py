@@ -303,6 +303,20 @@ def freeze_inactive(model: nn.Module, trainable: set[str]) -> None:
         param.requires_grad_(name in trainable)
 
 
+def seed_device_generator(device: torch.device, seed: int) -> None:
+    """Seed the default generator of `device` only.
+
+    torch.manual_seed also seeds every other backend; on a machine where CUDA is never
+    initialised it queues that call with a formatted stack trace each time, which costs 0.4 ms
+    and grows a list per client per round.
+    """
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
+
+
 def train_one_client(fed: Federation, plan: RoundPlan, round_idx: int, client: int) -> torch.Tensor:
     """Train `client` from the weights it receives; returns its mean loss (a device tensor)."""
     run, fabric = fed.run, fed.fabric
@@ -322,7 +336,7 @@ def train_one_client(fed: Federation, plan: RoundPlan, round_idx: int, client: i
     optimizer = make_optimizer(run, [p for p in fed.working.parameters() if p.requires_grad])
     generator = torch_generator(run.seed, Stream.TRAIN, round_idx, client, device=fabric.device)
     # dropout and other layers that draw from torch's global generator
-    torch.manual_seed(stream_seed(run.seed, Stream.TRAIN, round_idx, client))
+    seed_device_generator(fabric.device, stream_seed(run.seed, Stream.TRAIN, round_idx, client))
     batches = fed.data.train_batches(
         fed.client_indices[client], run.trainer.batch_size, run.trainer.local_epochs, generator
     )
