@@ -171,7 +171,10 @@ def compare_command(cfg: Namespace) -> Path:
 
     plot = Path(cfg.plot) if cfg.plot else None
     table, path = compare_runs([Path(p) for p in cfg.run_dirs], plot)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # piped output would default to 80 columns and fold cells
+    console.print(table)
     print(f"accuracy per round written to {path}")
     return path
 
