@@ -213,17 +213,33 @@ class AlgorithmProbe:
         self.calls.append(("client_end", round, client))
 
 
+class CallbackProbe:
+    """Records on_client_start into the algorithm probe's list, to check the order."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def on_client_start(self, client):
+        self.calls.append(("on_client_start", client))
+
+
 def test_optional_algorithm_hooks_are_called_around_each_client(tmp_path):
-    run = make_run(tmp_path, rounds=1, callbacks=[OnlyLayer("fc3")])
-    run.algorithm = AlgorithmProbe()
+    algorithm = AlgorithmProbe()
+    run = make_run(tmp_path, rounds=1, callbacks=[OnlyLayer("fc3"), CallbackProbe(algorithm.calls)])
+    run.algorithm = algorithm
     fed = prepare(run)
     run_round(fed, 1)
-    calls = run.algorithm.calls
+    calls = algorithm.calls
     assert calls[0] == ("setup", len(fed.layers))
-    # client_start sees the frozen layers already set: only fc3's two tensors train
+    # client_start sees the frozen layers already set (only fc3's two tensors train) and
+    # comes before callbacks may perturb the received weights (LIPS)
     expected = []
     for client in range(6):
-        expected += [("client_start", 1, client, 2), ("client_end", 1, client)]
+        expected += [
+            ("client_start", 1, client, 2),
+            ("on_client_start", client),
+            ("client_end", 1, client),
+        ]
     assert calls[1:] == expected
 
 
