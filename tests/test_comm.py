@@ -1,5 +1,4 @@
 import os
-import socket
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ from torch import nn
 
 from fedlit.algorithms.fedavg import WeightedSum, weighted_average
 from fedlit.comm import Communicator, FlatLayout, copy_into, named_tensors
+from runs import free_port
 
 
 def small_model() -> nn.Module:
@@ -64,12 +64,6 @@ def test_weighted_average_rejects_zero_weight():
         weighted_average([([torch.ones(2)], 0.0)])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_rank_worker(rank: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -90,7 +84,7 @@ def _two_rank_worker(rank: int, port: int, queue) -> None:
 def test_weighted_sum_over_two_gloo_ranks_is_one_all_reduce():
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_two_rank_worker, args=(_free_port(), queue), nprocs=2, start_method="spawn")
+    mp.start_processes(_two_rank_worker, args=(free_port(), queue), nprocs=2, start_method="spawn")
     results = sorted(queue.get() for _ in range(2))
     # weights 1, 2, 3 on values 0, 1, 2: (0 + 2 + 6) / 6
     for _rank, values, total, extras, calls in results:

@@ -8,46 +8,38 @@ import torch
 
 from fedlit.algorithms import FedAvg
 from fedlit.checkpoint import load_checkpoint
-from fedlit.config import LoggerConfig, TrainerConfig, WandbConfig
 from fedlit.data.config import DataConfig
-from fedlit.engine import RunConfig, fit, prepare, run_round
+from fedlit.engine import fit, prepare, run_round
 from fedlit.loggers import read_metrics
 from fedlit.models import CNN, ResNet8
+from runs import tiny_run
 
 REQUIRED_METRICS = {"round", "test/acc", "test/loss", "comm/bytes", "train/loss"}
 
 
 def make_run(tmp_path, rounds=3, callbacks=(), model=None, buffers="average", **trainer):
-    settings = dict(
-        rounds=rounds,
-        devices=1,
-        accelerator="cpu",
-        local_epochs=1,
-        batch_size=16,
-        optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9),
-        personal_eval=True,
-        cpu_threads=1,  # tiny models: one thread is faster than two competing ones
+    """6 clients with label-mix local test splits, personalised evaluation on."""
+    trainer.setdefault("personal_eval", True)
+    data = DataConfig(
+        dataset="digits",
+        num_clients=6,
+        partition="dirichlet",
+        alpha=0.5,
+        min_samples=20,
+        local_test="label_mix",
+        local_test_size=30,
     )
-    settings.update(trainer)
-    return RunConfig(
-        seed=0,
-        run_dir=tmp_path / "run",
-        trainer=TrainerConfig(**settings),
-        data=DataConfig(
-            dataset="digits",
-            num_clients=6,
-            partition="dirichlet",
-            alpha=0.5,
-            min_samples=20,
-            local_test="label_mix",
-            local_test_size=30,
-        ),
+    run = tiny_run(
+        tmp_path / "run",
         model=model or partial(CNN, padding=2),
         algorithm=FedAvg(buffers=buffers),
-        callbacks=list(callbacks),
-        logger=LoggerConfig(quiet=True, wandb=WandbConfig(mode="disabled")),
-        config_yaml="seed: 0\n",
+        callbacks=callbacks,
+        data=data,
+        rounds=rounds,
+        **trainer,
     )
+    run.config_yaml = "seed: 0\n"
+    return run
 
 
 def test_fit_learns_and_writes_every_output(tmp_path):

@@ -3,8 +3,6 @@ bytes, and the same slots with 1 and 2 ranks."""
 
 from __future__ import annotations
 
-import os
-import socket
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -29,6 +27,7 @@ from fedlit.config import LoggerConfig, TrainerConfig
 from fedlit.data.config import DataConfig
 from fedlit.engine import RunConfig, plan_round, prepare, run_round
 from fedlit.models import CNN, VGG11, ResNet20
+from runs import free_port, join_as_torchrun_rank
 
 NUM_CLIENTS, PER_ROUND = 6, 4
 TINY_VGG = partial(VGG11, cfg=(8, "M", 16, "M"))  # conv+BN layers: slots carry BN statistics
@@ -330,15 +329,7 @@ def run_rounds(fed, rounds: int) -> dict:
 
 
 def _two_rank_worker(rank: int, port: int, run_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        GROUP_RANK="0",
-        WORLD_SIZE="2",
-        LOCAL_WORLD_SIZE="2",
-    )
+    join_as_torchrun_rank(rank, port)
     run = make_run(Path(run_dir), two_rank_algorithm(), rounds=ROUNDS, eval_every=2)
     try:
         fed = prepare(run)
@@ -350,12 +341,6 @@ def _two_rank_worker(rank: int, port: int, run_dir: str) -> None:
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 def test_one_and_two_ranks_give_the_same_slots_and_move_the_expected_bytes(tmp_path):
     one_rank = make_run(tmp_path / "one", two_rank_algorithm(), rounds=ROUNDS, eval_every=2)
@@ -363,7 +348,7 @@ def test_one_and_two_ranks_give_the_same_slots_and_move_the_expected_bytes(tmp_p
     two_dir = tmp_path / "two"
     two_dir.mkdir()
     mp.start_processes(
-        _two_rank_worker, args=(_free_port(), str(two_dir)), nprocs=2, start_method="spawn"
+        _two_rank_worker, args=(free_port(), str(two_dir)), nprocs=2, start_method="spawn"
     )
     two = {rank: torch.load(two_dir / f"rank{rank}.pt") for rank in (0, 1)}
 

@@ -13,47 +13,16 @@ from callbacks.inertia import (
     measured_tensors,
     relative_change,
 )
-from fedlit.algorithms import FedAvg
-from fedlit.config import LoggerConfig, TrainerConfig, WandbConfig
-from fedlit.data.config import DataConfig
-from fedlit.engine import RunConfig, fit, prepare, run_round
+from fedlit.engine import fit, run_round
 from fedlit.loggers import read_metrics
 from fedlit.models import CNN, VGG11, ResNet8
+from runs import start, tiny_run
 
 TINY_VGG = partial(VGG11, cfg=(4, "M", 8, "M", 8, "M"))
 
 
 def make_run(tmp_path, callbacks, rounds=3, model=TINY_VGG, **trainer):
-    settings = dict(
-        rounds=rounds,
-        devices=1,
-        accelerator="cpu",
-        local_epochs=1,
-        batch_size=16,
-        optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9),
-        # one thread: the tests share two cores, and oversubscribed threads are 30x slower
-        cpu_threads=1,
-    )
-    settings.update(trainer)
-    return RunConfig(
-        seed=0,
-        run_dir=tmp_path / "run",
-        trainer=TrainerConfig(**settings),
-        data=DataConfig(dataset="digits", num_clients=4, partition="dirichlet", min_samples=20),
-        model=model,
-        algorithm=FedAvg(),
-        callbacks=list(callbacks),
-        logger=LoggerConfig(quiet=True, wandb=WandbConfig(mode="disabled")),
-    )
-
-
-def start(run):
-    """prepare + on_fit_start, as `fit` does before its first round."""
-    fed = prepare(run)
-    fed.fabric.call(
-        "on_fit_start", fabric=fed.fabric, model=fed.global_model, layers=fed.layers, federation=fed
-    )
-    return fed
+    return tiny_run(tmp_path / "run", model=model, callbacks=callbacks, rounds=rounds, **trainer)
 
 
 def test_distances_by_hand():

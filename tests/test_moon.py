@@ -3,8 +3,6 @@ previous models, which must stay with their client on the rank that owns it."""
 
 import copy
 import math
-import os
-import socket
 from functools import partial
 
 import pytest
@@ -16,10 +14,9 @@ from torch import nn
 from fedlit.algorithms import MOON, FedAvg
 from fedlit.algorithms.moon import MoonModel, contrastive_loss
 from fedlit.clients import owner
-from fedlit.config import LoggerConfig, TrainerConfig
-from fedlit.data.config import DataConfig
 from fedlit.engine import RunConfig, leave_process_group, prepare, run_round
 from fedlit.models import CNN, MLP, VGG11, ResNet20, check_layer_map
+from runs import free_port, join_as_torchrun_rank, tiny_run
 
 CPU = torch.device("cpu")
 
@@ -303,24 +300,14 @@ class TrainedModels:
 
 
 def moon_run(run_dir, recorder) -> RunConfig:
-    return RunConfig(
-        seed=0,
-        run_dir=run_dir,
-        trainer=TrainerConfig(
-            rounds=ROUNDS,
-            devices=1,
-            accelerator="cpu",
-            clients_per_round=3,
-            local_epochs=1,
-            batch_size=32,
-            optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9),
-            cpu_threads=1,
-        ),
-        data=DataConfig(dataset="digits", num_clients=4, partition="dirichlet", min_samples=20),
+    return tiny_run(
+        run_dir,
         model=partial(CNN, padding=2),
         algorithm=MOON(mu=1.0, projection_dim=16),
         callbacks=[recorder],
-        logger=LoggerConfig(quiet=True),
+        rounds=ROUNDS,
+        clients_per_round=3,
+        batch_size=32,
     )
 
 
@@ -341,24 +328,8 @@ def run_moon(run_dir) -> dict:
     return result
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_worker(rank: int, port: int, out_dir) -> None:
-    # what torchrun would set: Fabric then joins the group instead of launching processes
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-        LOCAL_WORLD_SIZE="2",
-        NODE_RANK="0",
-        OMP_NUM_THREADS="1",
-    )
+    join_as_torchrun_rank(rank, port)
     torch.save(run_moon(out_dir / f"run{rank}"), out_dir / f"rank{rank}.pt")
 
 
@@ -370,7 +341,7 @@ def assert_states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 @pytest.mark.multiprocess
 def test_two_ranks_keep_each_clients_previous_model_on_its_owner(tmp_path):
-    mp.spawn(_rank_worker, args=(_free_port(), tmp_path), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(free_port(), tmp_path), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     everyone: dict[int, dict[str, torch.Tensor]] = {}
     for rank, result in enumerate(ranks):

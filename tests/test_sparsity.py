@@ -16,48 +16,18 @@ from callbacks.sparsity import (
     kept_count,
     zero_lowest,
 )
-from fedlit.algorithms import FedAvg
 from fedlit.cli import main
-from fedlit.config import LoggerConfig, TrainerConfig, WandbConfig
-from fedlit.data.config import DataConfig
-from fedlit.engine import RunConfig, fit, prepare, run_round
+from fedlit.engine import fit, run_round
 from fedlit.loggers import read_metrics
 from fedlit.models import CNN, VGG11, ResNet8
+from runs import start, tiny_run
 
 TINY_VGG = partial(VGG11, cfg=(4, "M", 8, "M", 8, "M"))
 ELIGIBLE = {"body.conv2.weight": "conv2", "body.conv3.weight": "conv3"}
 
 
 def make_run(tmp_path, callbacks, rounds=3, **trainer):
-    settings = dict(
-        rounds=rounds,
-        devices=1,
-        accelerator="cpu",
-        local_epochs=1,
-        batch_size=16,
-        optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9),
-        cpu_threads=1,  # the tests share two cores; oversubscribed threads are far slower
-    )
-    settings.update(trainer)
-    return RunConfig(
-        seed=0,
-        run_dir=tmp_path / "run",
-        trainer=TrainerConfig(**settings),
-        data=DataConfig(dataset="digits", num_clients=4, partition="dirichlet", min_samples=20),
-        model=TINY_VGG,
-        algorithm=FedAvg(),
-        callbacks=list(callbacks),
-        logger=LoggerConfig(quiet=True, wandb=WandbConfig(mode="disabled")),
-    )
-
-
-def start(run):
-    """prepare + on_fit_start, as `fit` does before its first round."""
-    fed = prepare(run)
-    fed.fabric.call(
-        "on_fit_start", fabric=fed.fabric, model=fed.global_model, layers=fed.layers, federation=fed
-    )
-    return fed
+    return tiny_run(tmp_path / "run", model=TINY_VGG, callbacks=callbacks, rounds=rounds, **trainer)
 
 
 def test_density_schedule():

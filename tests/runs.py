@@ -1,0 +1,82 @@
+"""Small in-process runs for tests: one CPU rank, the bundled digits, tiny models."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedlit.algorithms import FedAvg
+from fedlit.config import LoggerConfig, TrainerConfig, WandbConfig
+from fedlit.data.config import DataConfig
+from fedlit.engine import Federation, RunConfig, prepare
+
+
+def tiny_run(
+    run_dir: Path,
+    *,
+    model: Any,
+    algorithm: Any = None,
+    callbacks: Iterable[Any] = (),
+    data: DataConfig | None = None,
+    rounds: int = 3,
+    **trainer: Any,
+) -> RunConfig:
+    """A RunConfig for one CPU rank; `trainer` overrides the trainer settings below."""
+    settings = dict(
+        rounds=rounds,
+        devices=1,
+        accelerator="cpu",
+        local_epochs=1,
+        batch_size=16,
+        optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9),
+        cpu_threads=1,  # the tests share two cores; oversubscribed threads are far slower
+    )
+    settings.update(trainer)
+    return RunConfig(
+        seed=0,
+        run_dir=run_dir,
+        trainer=TrainerConfig(**settings),
+        data=data
+        or DataConfig(dataset="digits", num_clients=4, partition="dirichlet", min_samples=20),
+        model=model,
+        algorithm=algorithm if algorithm is not None else FedAvg(),
+        callbacks=list(callbacks),
+        logger=LoggerConfig(quiet=True, wandb=WandbConfig(mode="disabled")),
+    )
+
+
+def start(run: RunConfig) -> Federation:
+    """prepare + on_fit_start, as `fit` does before its first round."""
+    fed = prepare(run)
+    fed.fabric.call(
+        "on_fit_start", fabric=fed.fabric, model=fed.global_model, layers=fed.layers, federation=fed
+    )
+    return fed
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on, for a test's own process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_as_torchrun_rank(rank: int, port: int, world_size: int = 2) -> None:
+    """Set what torchrun would set, so that Fabric joins the group instead of launching."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        GROUP_RANK="0",
+        NODE_RANK="0",
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        OMP_NUM_THREADS="1",
+    )
