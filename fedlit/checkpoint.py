@@ -37,7 +37,16 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        raise ValueError(f"{path} is not a readable fedlit checkpoint: {error}") from error
+        # torch's own message advises weights_only=False, which a checkpoint never needs
+        raise ValueError(
+            f"{path} is not a readable fedlit checkpoint ({type(error).__name__} from "
+            "torch.load(weights_only=True)): it is truncated, not a torch file, or holds objects "
+            "other than tensors, dicts, lists, strings and numbers; give a last.ckpt written "
+            "by `fedlit fit`"
+        ) from error
     if not isinstance(state, dict) or state.get("format") != "fedlit":
-        raise ValueError(f"{path} is not a fedlit checkpoint (no 'format': 'fedlit' entry)")
+        raise ValueError(
+            f"{path} is not a fedlit checkpoint (no 'format': 'fedlit' entry; e.g. a Lightning "
+            "or plain torch.save file); give a last.ckpt written by `fedlit fit`"
+        )
     return state

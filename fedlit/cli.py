@@ -24,7 +24,15 @@ from jsonargparse import (
 from fedlit.algorithms import Algorithm, FedAvg
 from fedlit.config import LoggerConfig, TrainerConfig
 from fedlit.data.config import DataConfig
-from fedlit.engine import ModelFactory, RunConfig, prepare, train
+from fedlit.engine import (
+    DivergenceError,
+    ModelFactory,
+    RunConfig,
+    launch_settings,
+    prepare,
+    train,
+)
+from fedlit.resume import load_for_resume, resolve_resume
 
 SUBCOMMANDS = {
     "fit": "Run federated training.",
@@ -58,11 +66,26 @@ def run_arguments(
     """
 
 
-def build_run_parser(description: str = "") -> ArgumentParser:
-    """The parser of one subcommand: a config file plus the sections of `run_arguments`."""
+def build_run_parser(description: str = "", resumable: bool = False) -> ArgumentParser:
+    """The parser of one subcommand: a config file plus the sections of `run_arguments`
+    (and, for `fit`, the resume options, which are not part of the saved config)."""
     parser = ArgumentParser(description=description)
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML config file.")
     parser.add_function_arguments(run_arguments)
+    if resumable:
+        parser.add_argument(
+            "--resume",
+            type=str | None,
+            default=None,
+            help="'auto' (run_dir/checkpoints/last.ckpt when it exists, else start afresh) or "
+            "the path of a fedlit checkpoint to continue from.",
+        )
+        parser.add_argument(
+            "--resume_force",
+            type=bool,
+            default=False,
+            help="Resume even when the config differs from the checkpoint's.",
+        )
     return parser
 
 
@@ -111,9 +134,23 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="fedlit", description="Federated learning on Lightning Fabric.")
     subcommands = parser.add_subcommands(dest="command")
     for name, help_text in SUBCOMMANDS.items():
-        subcommands.add_subcommand(name, build_run_parser(help_text), help=help_text)
+        parser_of = build_run_parser(help_text, resumable=name == "fit")
+        subcommands.add_subcommand(name, parser_of, help=help_text)
     subcommands.add_subcommand("compare", build_compare_parser(), help=COMPARE_HELP)
     return parser
+
+
+RESUME_KEYS = ("resume", "resume_force")
+
+
+def load_resume(run: RunConfig, resume: str | None, force: bool) -> RunConfig:
+    """Attach the checkpoint to resume from (checked against the config), or none."""
+    path = resolve_resume(run.run_dir, resume)
+    if path is None:
+        return run
+    devices, num_nodes = launch_settings(run.trainer)
+    run.resume = load_for_resume(path, run.config_yaml, devices * num_nodes, force)
+    return run
 
 
 def fail(message: str) -> None:
@@ -130,7 +167,10 @@ def to_run_config(parser: ArgumentParser, cfg: Namespace) -> RunConfig:
         fail(str(error))
     if init.model is None:
         fail("model is required: e.g. model: {class_path: fedlit.models.CNN, init_args: {...}}")
-    config_yaml = build_run_parser().dump(cfg[command])
+    sections = cfg[command].clone()
+    for key in RESUME_KEYS:
+        sections.pop(key, None)
+    config_yaml = build_run_parser().dump(sections)
     return RunConfig(
         seed=init.seed,
         run_dir=Path(init.run_dir),
@@ -196,10 +236,14 @@ def main(argv: list[str] | None = None) -> None:
             fail(str(error))
         return
     try:
+        run = load_resume(run, cfg.fit.resume, cfg.fit.resume_force)
         fed = prepare(run)
     except (ValueError, FileNotFoundError) as error:
         fail(str(error))
-    train(fed)
+    try:
+        train(fed)
+    except DivergenceError as error:
+        fail(str(error))
 
 
 if __name__ == "__main__":

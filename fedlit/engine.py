@@ -25,6 +25,7 @@ optional hooks are described in fedlit.algorithms.base.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import time
@@ -64,6 +65,12 @@ from fedlit.local import train_client
 from fedlit.loggers import ConsoleReport, RunFiles, human_bytes, method_label
 from fedlit.models.layers import Layer, check_layer_map
 from fedlit.plots import plot_client_accuracy, plot_communication, plot_curves, plot_layer_metrics
+from fedlit.resume import (
+    checkpoint_state,
+    first_nonfinite_layer,
+    gather_rank_states,
+    restore,
+)
 
 ModelFactory = Callable[[int, tuple[int, ...]], nn.Module]
 
@@ -81,6 +88,7 @@ class RunConfig:
     callbacks: list[Any] = field(default_factory=list)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     config_yaml: str = ""
+    resume: dict[str, Any] | None = None  # a checkpoint loaded by fedlit.resume.load_for_resume
 
 
 def ask_callbacks(callbacks: list[Any], query: str, value: Any, **kwargs: Any) -> Any:
@@ -118,10 +126,24 @@ def make_fabric(run: RunConfig) -> Fabric:
 
 
 def check_before_launch(run: RunConfig) -> None:
-    """Settings that can be rejected without touching data, before any process starts."""
+    """Settings that can be rejected without touching data, before any process starts.
+
+    More ranks than clients per round is allowed: a rank with no sampled client in a round
+    still joins every collective (it adds nothing to the sum), and the sample changes every
+    round. More ranks than clients is refused: ranks beyond the last client would own no client
+    (client c runs on rank c % world_size) and sit idle in every round.
+    """
     clients_per_round(
         run.data.num_clients, run.trainer.clients_per_round, run.trainer.client_fraction
     )
+    devices, num_nodes = launch_settings(run.trainer)
+    if devices * num_nodes > run.data.num_clients:
+        raise ValueError(
+            f"{devices * num_nodes} ranks (trainer.devices x trainer.num_nodes, or torchrun's "
+            f"world size) for data.num_clients={run.data.num_clients}: ranks beyond the last "
+            "client would own no client and idle in every round; use at most "
+            f"{run.data.num_clients} ranks"
+        )
     if run.trainer.personal_eval and run.data.local_test == "none":
         raise ValueError(
             "trainer.personal_eval needs per-client test splits: set data.local_test to "
@@ -399,8 +421,13 @@ def run_round(
     personal = SpreadOverClients(["acc_local", "acc_global"], fabric.device)
     score_local = plan.evaluate and run.trainer.personal_eval
 
+    # the first of this rank's clients whose loss was not finite, kept on the device: one
+    # torch.where per client, no host sync; read only when the round diverged
+    first_bad = torch.full((), NO_CLIENT, dtype=torch.long, device=fabric.device)
     for done, client in enumerate(plan.mine, start=1):
         mean_loss = train_one_client(fed, plan, round_idx, client)
+        bad = ~torch.isfinite(mean_loss.detach()) & (first_bad == NO_CLIENT)
+        first_bad = torch.where(bad, torch.full_like(first_bad, client), first_bad)
         fed.server.send(client, fed.working, float(fed.client_sizes[client]), mean_loss)
         if score_local:
             personal.add("acc_local", personal_accuracy(fed, client))
@@ -408,6 +435,7 @@ def run_round(
             on_client_done(done, len(plan.mine))
 
     step = fed.server.finish(plan)
+    check_finite(fed, round_idx, step.train_loss, first_bad, weights=checkpoints(run, round_idx))
     round_bytes = step.round_bytes
     fed.comm_bytes += round_bytes
     fabric.call(
@@ -430,15 +458,69 @@ def run_round(
     return metrics
 
 
-def checkpoint_state(fed: Federation, round_idx: int) -> dict[str, Any]:
-    return {
-        "format": "fedlit",
-        "round": round_idx,
-        "seed": fed.run.seed,
-        "model": fed.global_model.state_dict(),
-        "metrics": fed.history,
-        "config": fed.run.config_yaml,
-    }
+NO_CLIENT = 2**62
+
+
+class DivergenceError(FloatingPointError):
+    """Training produced a NaN or inf loss or weight; the last good checkpoint is kept."""
+
+
+def checkpoints(run: RunConfig, round_idx: int) -> bool:
+    """Whether a checkpoint is written after `round_idx` (every checkpoint_every, and the end)."""
+    every = run.trainer.checkpoint_every
+    return round_idx == run.trainer.rounds or bool(every and round_idx % every == 0)
+
+
+def check_finite(
+    fed: Federation, round_idx: int, train_loss: float, first_bad: torch.Tensor, weights: bool
+) -> None:
+    """Stop the run when the round's loss, or (when `weights`: before a checkpoint) the
+    aggregated model, is not finite.
+
+    The loss is already on the host (no sync); the weights cost one device read, so they are
+    checked only before a checkpoint, which therefore never holds a non-finite weight (a
+    non-finite weight in between shows as a non-finite loss one round later). Loss and model
+    are identical on every rank, so every rank takes the same branch, and the extra all-reduce
+    (which client) runs only then.
+    """
+    finite_loss = bool(np.isfinite(train_loss))
+    if finite_loss and not weights:
+        return
+    layer = first_nonfinite_layer(fed, fed.global_model)
+    if layer is None and finite_loss:
+        return
+    if fed.comm.distributed:
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+    client = int(first_bad.item())
+    who = f"client {client}" if client != NO_CLIENT else "no client had a non-finite loss"
+    where = f"first non-finite layer {layer}" if layer else "the weights are finite"
+    raise DivergenceError(
+        f"training diverged in round {round_idx}: train/loss is {train_loss} ({who}); "
+        f"{where} after aggregation. The last good checkpoint is kept; lower the learning rate "
+        "or check the data"
+    )
+
+
+def save_round_checkpoint(fed: Federation, round_idx: int, wandb_id: str | None) -> None:
+    """Gather every rank's state to rank 0, which writes last.ckpt atomically (a collective)."""
+    ranks = gather_rank_states(fed)
+    if fed.rank == 0:
+        save_checkpoint(
+            fed.run.run_dir / "checkpoints" / "last.ckpt",
+            checkpoint_state(fed, round_idx, ranks, wandb_id),
+        )
+
+
+def inject_fault(rank: int, round_idx: int) -> None:
+    """Test-only: FEDLIT_FAULT="rank:round:marker" makes that rank die at the start of that
+    round, once (it creates the marker file; a restarted job that finds it carries on)."""
+    spec = os.environ.get("FEDLIT_FAULT")
+    if not spec:
+        return
+    fault_rank, fault_round, marker = spec.split(":", 2)
+    if int(fault_rank) == rank and int(fault_round) == round_idx and not Path(marker).exists():
+        Path(marker).touch()
+        os._exit(1)
 
 
 def summarize(fed: Federation, wall_seconds: float) -> dict[str, Any]:
@@ -517,8 +599,38 @@ def prepare(run: RunConfig) -> Federation:
     check_before_launch(run)
     loaded = load(run)
     fabric = make_fabric(run)
+    join_restarted_torchrun_group(run)
     fabric.launch()
     return setup(run, fabric, loaded)
+
+
+def join_restarted_torchrun_group(run: RunConfig) -> None:
+    """After a torchrun restart, join the process group under a per-attempt store prefix.
+
+    torchrun's agent keeps hosting the same TCP store across restarts; a process group set up
+    the default way (as Fabric does) then reads the previous attempt's peer addresses from it
+    and fails with "Connection refused". Joining here, under a prefix named after
+    TORCHELASTIC_RESTART_COUNT, gives every attempt its own keys; Fabric then finds the group
+    already initialised and uses it.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if attempt == 0 or not agent_store or not dist.is_available() or dist.is_initialized():
+        return
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False
+    )
+    cuda = run.trainer.accelerator in ("cuda", "gpu") or (
+        run.trainer.accelerator == "auto" and torch.cuda.is_available()
+    )
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        store=dist.PrefixStore(f"fedlit/attempt_{attempt}", store),
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+    )
 
 
 @torch.no_grad()
@@ -563,24 +675,27 @@ def write_plots(
 
 
 def run_rounds(
-    fed: Federation, report: ConsoleReport, files: RunFiles | None, dashboard: Dashboard
+    fed: Federation,
+    report: ConsoleReport,
+    files: RunFiles | None,
+    dashboard: Dashboard,
+    first_round: int = 1,
 ) -> None:
     """Every round, with the per-round outputs: metrics.jsonl, W&B, progress, checkpoints."""
     run = fed.run
-    checkpoint_path = run.run_dir / "checkpoints" / "last.ckpt"
     on_client_done = report.client_done if files is not None else None
     with report:
-        for round_idx in range(1, run.trainer.rounds + 1):
+        for round_idx in range(first_round, run.trainer.rounds + 1):
+            inject_fault(fed.rank, round_idx)
             metrics = run_round(fed, round_idx, on_client_done)
             fed.history.append(metrics)
             if files is not None and "test/acc" in metrics:
                 files.append_metrics(metrics)
             dashboard.log_round(metrics)
             report.round_done(metrics)
-            every = run.trainer.checkpoint_every
             last = round_idx == run.trainer.rounds  # the final checkpoint is written by train
-            if files is not None and every and round_idx % every == 0 and not last:
-                save_checkpoint(checkpoint_path, checkpoint_state(fed, round_idx))
+            if checkpoints(run, round_idx) and not last:
+                save_round_checkpoint(fed, round_idx, dashboard.run_id)
 
 
 def train(fed: Federation) -> dict[str, Any] | None:
@@ -596,6 +711,13 @@ def train(fed: Federation) -> dict[str, Any] | None:
     fabric.call(
         "on_fit_start", fabric=fabric, model=fed.global_model, layers=fed.layers, federation=fed
     )
+    first_round = 1
+    if run.resume is not None:
+        first_round = restore(fed, run.resume) + 1
+        if files is not None:  # rounds after the checkpoint that were lost are not repeated
+            for metrics in fed.history:
+                if "test/acc" in metrics:
+                    files.append_metrics(metrics)
     report = ConsoleReport(
         enabled=is_main and not run.logger.quiet, total_rounds=run.trainer.rounds
     )
@@ -606,20 +728,21 @@ def train(fed: Federation) -> dict[str, Any] | None:
     if is_main:
         if report.enabled:
             report.startup(describe(fed, counts), title=f"fedlit fit: {run.run_dir.name}")
+        wandb_config = run.logger.wandb
+        saved_id = run.resume.get("wandb_id") if run.resume is not None else None
+        if saved_id and wandb_config.id is None:  # the resumed run continues its W&B run
+            wandb_config = dataclasses.replace(wandb_config, id=saved_id)
         dashboard = open_dashboard(
-            run.logger.wandb, run.run_dir, run.config_yaml, run.logger.quiet, report.print
+            wandb_config, run.run_dir, run.config_yaml, run.logger.quiet, report.print
         )
     try:
         started = time.perf_counter()
-        run_rounds(fed, report, files, dashboard)
+        run_rounds(fed, report, files, dashboard, first_round)
         summary = summarize(fed, time.perf_counter() - started)
         # a collective: every rank scores its own clients, whether or not it draws
         client_acc, client_split = final_client_accuracy(fed) if run.logger.plots else ([], "")
+        save_round_checkpoint(fed, fed.history[-1]["round"], dashboard.run_id)
         if files is not None:
-            save_checkpoint(
-                run.run_dir / "checkpoints" / "last.ckpt",
-                checkpoint_state(fed, run.trainer.rounds),
-            )
             files.write_summary(summary)
             if run.logger.plots:
                 write_plots(fed, counts, client_acc, client_split)

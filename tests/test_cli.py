@@ -104,6 +104,7 @@ def test_print_config_shows_the_resolved_sections(quickstart, capsys):
             "trainer.clients_per_round must be between 1 and data.num_clients=10",
         ),
         (["--data.local_test", "none"], "trainer.personal_eval needs per-client test splits"),
+        (["--trainer.devices", "11"], "ranks beyond the last client would own no client"),
         (["--data.num_clients", "500", "--data.min_samples", "20"], "data.min_samples"),
     ],
 )

@@ -1,0 +1,320 @@
+"""Resume: a run interrupted after a checkpoint and resumed ends exactly where an uninterrupted
+run with the same seed ends (model bit for bit, metrics per round), for stateful methods too;
+a changed config, a foreign file or a different number of ranks is refused before training."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import fedlit.engine as engine
+from callbacks.inertia import LayerInertia
+from callbacks.sparsity import TransientSparsity
+from fedlit.algorithms import MOON, FedAvg, FedMR
+from fedlit.checkpoint import load_checkpoint, save_checkpoint
+from fedlit.cli import main
+from fedlit.engine import fit
+from fedlit.loggers import read_metrics
+from fedlit.models import CNN
+from fedlit.resume import config_differences, load_for_resume
+from runs import tiny_run
+
+ROOT = Path(__file__).resolve().parents[1]
+ROUNDS = 4
+LAST = Path("checkpoints") / "last.ckpt"
+
+
+class Crash(RuntimeError):
+    pass
+
+
+METHODS = {
+    "moon": lambda: (MOON(mu=1.0, projection_dim=16), []),
+    "fedmr": lambda: (FedMR(), []),
+    "lips_local_bn": lambda: (
+        FedAvg(buffers="local"),
+        [TransientSparsity(period=2, initial_density=0.5), LayerInertia()],
+    ),
+}
+
+
+def method_run(run_dir: Path, method: str, **trainer):
+    algorithm, callbacks = METHODS[method]()
+    return tiny_run(
+        run_dir,
+        model=partial(CNN, padding=2),
+        algorithm=algorithm,
+        callbacks=callbacks,
+        rounds=ROUNDS,
+        clients_per_round=3,
+        checkpoint_every=1,
+        **trainer,
+    )
+
+
+def assert_same_end(dir_a: Path, dir_b: Path) -> None:
+    a, b = load_checkpoint(dir_a / LAST), load_checkpoint(dir_b / LAST)
+    assert a["round"] == b["round"]
+    assert a["model"].keys() == b["model"].keys()
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    acc_a = [(m["round"], m["test/acc"]) for m in read_metrics(dir_a / "metrics.jsonl")]
+    acc_b = [(m["round"], m["test/acc"]) for m in read_metrics(dir_b / "metrics.jsonl")]
+    assert acc_a == acc_b and len(acc_a) == a["round"]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch, method):
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    fit(method_run(whole, method))
+
+    def crash_at_round_3(rank: int, round_idx: int) -> None:
+        if round_idx == 3:
+            raise Crash("killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "inject_fault", crash_at_round_3)
+        with pytest.raises(Crash):
+            fit(method_run(broken, method))
+    saved = load_checkpoint(broken / LAST)
+    assert saved["round"] == 2
+    # fresh algorithm and callback objects, as a restarted process has
+    run = method_run(broken, method)
+    run.resume = load_for_resume(broken / LAST, run.config_yaml, world_size=1)
+    fit(run)
+    assert_same_end(whole, broken)
+
+
+def test_checkpoint_holds_the_whole_run_state(tmp_path):
+    run = method_run(tmp_path, "lips_local_bn")
+    fit(run)
+    state = load_checkpoint(tmp_path / LAST)
+    assert state["version"] == 2 and state["round"] == ROUNDS and state["world_size"] == 1
+    assert [m["round"] for m in state["metrics"]] == list(range(1, ROUNDS + 1))
+    assert state["comm_bytes"] == state["metrics"][-1]["comm/bytes"] > 0
+    (rank0,) = state["ranks"]
+    assert rank0["local_buffers"], "local BN statistics of the clients that took part"
+    grads, inertia = rank0["callbacks"]
+    assert grads["grads"] and inertia["previous"]
+    assert "wandb_id" in state
+
+
+def test_config_differences_ignore_the_keys_that_may_change():
+    saved = yaml.safe_dump(
+        {"seed": 0, "run_dir": "a", "trainer": {"rounds": 5, "devices": 2, "batch_size": 16}}
+    )
+    new = yaml.safe_dump(
+        {"seed": 1, "run_dir": "b", "trainer": {"rounds": 9, "devices": 1, "batch_size": 32}}
+    )
+    assert config_differences(saved, new) == ["seed", "trainer.batch_size"]
+
+
+# ---- through the CLI ------------------------------------------------------------------------
+
+
+def quick_config(tmp_path: Path, **trainer) -> Path:
+    config = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    config["run_dir"] = str(tmp_path / "run")
+    settings = dict(devices=1, rounds=2, local_epochs=1, cpu_threads=1, personal_eval=False)
+    config["trainer"].update({**settings, **trainer})
+    config["data"].update(num_clients=4, local_test="none")
+    config["logger"] = {"quiet": True, "wandb": {"mode": "disabled"}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def fail_message(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_resume_refuses_a_changed_config_unless_forced(tmp_path, capsys):
+    config = quick_config(tmp_path)
+    main(["fit", "--config", str(config)])
+    extend = ["fit", "--config", str(config), "--resume", "auto", "--trainer.rounds", "3"]
+    err = fail_message(capsys, [*extend, "--seed", "1", "--data.alpha", "0.3"])
+    assert "differs from the checkpoint's" in err and "data.alpha, seed" in err
+    main([*extend, "--trainer.batch_size", "8", "--resume_force", "true"])
+    assert load_checkpoint(tmp_path / "run" / LAST)["round"] == 3
+    rounds = [m["round"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert rounds == [1, 2, 3]
+
+
+def test_resume_auto_without_a_checkpoint_starts_afresh(tmp_path):
+    config = quick_config(tmp_path)
+    main(["fit", "--config", str(config), "--resume", "auto"])
+    assert load_checkpoint(tmp_path / "run" / LAST)["round"] == 2
+
+
+def test_resume_refuses_missing_foreign_old_and_other_world_checkpoints(tmp_path, capsys):
+    config = quick_config(tmp_path)
+    base = ["fit", "--config", str(config), "--resume"]
+    assert "no such checkpoint file" in fail_message(capsys, [*base, str(tmp_path / "nope")])
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    assert "not a fedlit checkpoint" in fail_message(capsys, [*base, str(foreign)])
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a zip file")
+    assert "not a readable fedlit checkpoint" in fail_message(capsys, [*base, str(garbage)])
+    old = tmp_path / "old.ckpt"
+    save_checkpoint(old, {"format": "fedlit", "round": 1, "model": {}})
+    assert "format version 1" in fail_message(capsys, [*base, str(old)])
+    main(["fit", "--config", str(config)])
+    err = fail_message(capsys, [*base, "auto", "--trainer.devices", "2"])
+    assert "written by 1 rank(s) and this run has 2" in err
+
+
+def test_divergence_stops_with_round_client_and_layer_and_keeps_the_last_good_checkpoint(
+    tmp_path, capsys, monkeypatch
+):
+    config = quick_config(tmp_path, rounds=4, checkpoint_every=1)
+    poison = engine.train_one_client
+
+    def nan_at_round_3(fed, plan, round_idx, client):
+        loss = poison(fed, plan, round_idx, client)
+        if round_idx == 3 and client == plan.clients[-1]:
+            with torch.no_grad():
+                fed.working.conv1.weight.fill_(math.nan)
+            return loss * math.nan
+        return loss
+
+    monkeypatch.setattr(engine, "train_one_client", nan_at_round_3)
+    err = fail_message(capsys, ["fit", "--config", str(config)])
+    assert "training diverged in round 3" in err and "(client 3)" in err
+    assert "first non-finite layer conv1" in err
+    saved = load_checkpoint(tmp_path / "run" / LAST)
+    assert saved["round"] == 2
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+def test_a_huge_learning_rate_is_reported_as_divergence(tmp_path, capsys):
+    config = quick_config(tmp_path, rounds=3)
+    err = fail_message(
+        capsys, ["fit", "--config", str(config), "--trainer.optimizer.init_args.lr", "1e12"]
+    )
+    assert "training diverged in round" in err and "lower the learning rate" in err
+
+
+# ---- a real SIGKILL of a 2-rank run ---------------------------------------------------------
+
+KILL_ARGS = [
+    "--trainer.devices",
+    "2",
+    "--trainer.rounds",
+    "4",
+    "--trainer.checkpoint_every",
+    "1",
+]
+
+
+def fedlit_command(config: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "fedlit",
+        "fit",
+        "--config",
+        str(config),
+        "--run_dir",
+        str(run_dir),
+        *KILL_ARGS,
+        *extra,
+    ]
+
+
+def checkpoint_round(path: Path) -> int:
+    try:
+        return load_checkpoint(path)["round"]
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, Path, dict[str, str]]:
+    """(config, run dir, environment) of an uninterrupted 2-rank run, shared by the tests below."""
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
+    config = quick_config(tmp_path)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("FEDLIT_FAULT", None)
+    whole = tmp_path / "whole"
+    done = subprocess.run(
+        fedlit_command(config, whole), cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return config, whole, env
+
+
+@pytest.mark.multiprocess
+def test_a_sigkilled_two_rank_run_resumes_to_the_same_model_and_metrics(tmp_path, uninterrupted):
+    config, whole, env = uninterrupted
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        fedlit_command(config, killed),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # the launcher and the rank it starts share one process group
+    )
+    deadline = time.monotonic() + 120
+    while checkpoint_round(killed / LAST) < 2 and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint of round 2 within 120 s"
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 2 <= checkpoint_round(killed / LAST) < 4
+
+    resumed = subprocess.run(
+        fedlit_command(config, killed, "--resume", "auto"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_end(whole, killed)
+
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
+def test_a_rank_that_dies_under_torchrun_restarts_from_the_checkpoint(tmp_path, uninterrupted):
+    config, whole, env = uninterrupted
+    marker = tmp_path / "crashed-once"
+    restarted = tmp_path / "restarted"
+    command = [
+        str(TORCHRUN),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "--max-restarts",
+        "1",
+        *fedlit_command(config, restarted, "--resume", "auto")[1:],
+    ]
+    done = subprocess.run(
+        command,
+        cwd=ROOT,
+        env={**env, "FEDLIT_FAULT": f"1:3:{marker}"},  # rank 1 dies at the start of round 3
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert marker.exists(), "the injected fault did not fire"
+    assert_same_end(whole, restarted)
