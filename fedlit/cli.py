@@ -28,7 +28,6 @@ from fedlit.engine import (
     DivergenceError,
     ModelFactory,
     RunConfig,
-    launch_settings,
     prepare,
     train,
 )
@@ -148,8 +147,7 @@ def load_resume(run: RunConfig, resume: str | None, force: bool) -> RunConfig:
     path = resolve_resume(run.run_dir, resume)
     if path is None:
         return run
-    devices, num_nodes = launch_settings(run.trainer)
-    run.resume = load_for_resume(path, run.config_yaml, devices * num_nodes, force)
+    run.resume = load_for_resume(path, run.config_yaml, force)
     return run
 
 

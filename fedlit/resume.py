@@ -25,6 +25,7 @@ import torch.distributed as dist
 import yaml
 
 from fedlit.checkpoint import load_checkpoint
+from fedlit.clients import owner
 
 if TYPE_CHECKING:
     from fedlit.engine import Federation
@@ -35,7 +36,7 @@ LAST = Path("checkpoints") / "last.ckpt"
 # Keys that may change between a checkpoint and its resume: they do not change what a round
 # computes. trainer.rounds extends (or shortens) a run; where and how the ranks run, how often
 # checkpoints are written, what is logged where and the number of CPU threads do not touch the
-# numbers. A different number of ranks is checked separately (the per-rank state must match).
+# numbers. The number of ranks may change as well: the per-rank state is re-sharded (reshard).
 MAY_CHANGE = (
     "trainer.rounds",
     "trainer.devices",
@@ -86,11 +87,10 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
-def load_for_resume(
-    path: Path, config_yaml: str, world_size: int, force: bool = False
-) -> dict[str, Any]:
+def load_for_resume(path: Path, config_yaml: str, force: bool = False) -> dict[str, Any]:
     """Load and check a checkpoint before anything is launched: a fedlit checkpoint of this
-    format, with the same config (unless `force`) and the same number of ranks."""
+    format, with the same config (unless `force`). Any number of ranks may resume it: the
+    per-client state is re-sharded (`reshard`) when the number differs."""
     state = load_checkpoint(path)
     if state.get("version") != CHECKPOINT_VERSION or "ranks" not in state:
         raise ValueError(
@@ -103,13 +103,6 @@ def load_for_resume(
             f"the config differs from the checkpoint's ({path}) in: {', '.join(differing)}; "
             "restore those values, or pass --resume_force true to resume anyway "
             f"(keys that may change: {', '.join(MAY_CHANGE)})"
-        )
-    saved_world = len(state["ranks"])
-    if saved_world != world_size:
-        raise ValueError(
-            f"{path} was written by {saved_world} rank(s) and this run has {world_size}: "
-            "per-client state lives on the rank that owns the client, and resuming with a "
-            f"different number of ranks is not supported; resume with {saved_world} rank(s)"
         )
     return state
 
@@ -180,16 +173,13 @@ def checkpoint_state(
 
 def restore(fed: Federation, state: dict[str, Any]) -> int:
     """Put a checkpoint's state into this rank's federation; returns the checkpoint's round."""
-    if len(state["ranks"]) != fed.world_size:
-        raise ValueError(
-            f"the checkpoint was written by {len(state['ranks'])} rank(s), this run has "
-            f"{fed.world_size}: resume with the same number of ranks"
-        )
+    ranks = state["ranks"]
+    mine = ranks[fed.rank] if len(ranks) == fed.world_size else reshard(fed, ranks)
     fed.global_model.load_state_dict(state["model"])
     fed.working.load_state_dict(state["model"])
     fed.history = [dict(m) for m in state["metrics"]]
     fed.comm_bytes = int(state["comm_bytes"])
-    restore_rank_state(fed, state["ranks"][fed.rank])
+    restore_rank_state(fed, mine)
     return int(state["round"])
 
 
@@ -205,3 +195,61 @@ def first_nonfinite_layer(fed: Federation, model: torch.nn.Module) -> str | None
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 return f"{layer.name} ({name})"
     return None
+
+
+# ---- a different number of ranks ------------------------------------------------------------
+
+
+def _owned(parts: list[dict[Any, Any]], rank: int, world_size: int) -> dict[int, Any]:
+    """Client-keyed dicts of every saved rank, merged, keeping the clients `rank` now owns."""
+    merged: dict[int, Any] = {}
+    for part in parts:
+        merged.update({int(c): v for c, v in part.items()})
+    return {c: v for c, v in merged.items() if owner(c, world_size) == rank}
+
+
+def reshard(fed: Federation, ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """This rank's state out of a checkpoint written by a different number of ranks.
+
+    Per-client entries (local BN statistics, MOON's previous models and participation counts,
+    LIPS's gradients) go to the rank that now owns the client (client c on rank c % world
+    size); FedMR's slots go to the owner of the client each slot is for in the saved round.
+    State that is identical on every rank (LayerInertia's snapshots, the probes' history,
+    MOON's initial model) is taken from rank 0.
+    """
+    rank, world = fed.rank, fed.world_size
+    first = ranks[0]
+    state: dict[str, Any] = {
+        "local_buffers": _owned([r["local_buffers"] for r in ranks], rank, world),
+        "algorithm": first["algorithm"],
+        "server": first["server"],
+        "callbacks": list(first["callbacks"]),
+    }
+    algorithm = first["algorithm"]
+    if algorithm is not None:
+        if not {"taken_part", "slots"} <= set(algorithm):
+            raise ValueError(
+                f"cannot re-shard the state of {type(fed.run.algorithm).__name__} over a "
+                "different number of ranks: resume with the number of ranks that wrote it"
+            )
+        slots = [
+            _owned([r["algorithm"]["slots"][i] for r in ranks], rank, world)
+            for i in range(len(algorithm["slots"]))
+        ]
+        taken = _owned([r["algorithm"]["taken_part"] for r in ranks], rank, world)
+        state["algorithm"] = {**algorithm, "slots": slots, "taken_part": taken}
+    server = first["server"]
+    if server is not None:
+        if not {"round", "slots"} <= set(server) or not hasattr(fed.server, "held"):
+            raise ValueError(
+                f"cannot re-shard the state of {type(fed.server).__name__} over a different "
+                "number of ranks: resume with the number of ranks that wrote it"
+            )
+        merged = {int(i): s for r in ranks for i, s in r["server"]["slots"].items()}
+        held = set(fed.server.held(int(server["round"])))
+        state["server"] = {**server, "slots": {i: s for i, s in merged.items() if i in held}}
+    for i, callback_state in enumerate(first["callbacks"]):
+        if isinstance(callback_state, dict) and set(callback_state) == {"grads"}:
+            grads = _owned([r["callbacks"][i]["grads"] for r in ranks], rank, world)
+            state["callbacks"][i] = {"grads": grads}
+    return state
