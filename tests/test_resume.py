@@ -350,3 +350,32 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path, method):
     assert len(saved["ranks"]) == 2
     main(["fit", "--config", str(config), "--run_dir", str(moved), *local_bn, "--resume", "auto"])
     assert_same_end(whole, moved)
+
+
+@pytest.mark.multiprocess
+def test_more_ranks_than_clients_per_round_leaves_ranks_idle_but_in_step(tmp_path):
+    """With 1 client per round on 2 ranks, one rank idles each round yet joins every collective
+    (and the checkpoint's gather): the run finishes with the 1-rank model."""
+    config = quick_config(tmp_path, rounds=3, clients_per_round=1)
+    one, two = tmp_path / "one", tmp_path / "two"
+    main(["fit", "--config", str(config), "--run_dir", str(one)])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("FEDLIT_FAULT", None)
+    command = [sys.executable, "-m", "fedlit", "fit", "--config", str(config)]
+    done = subprocess.run(
+        [
+            *command,
+            "--run_dir",
+            str(two),
+            "--trainer.devices",
+            "2",
+            "--trainer.checkpoint_every",
+            "1",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_end(one, two)
