@@ -124,6 +124,14 @@ def build_compare_parser() -> ArgumentParser:
         help="Where to write the accuracy-per-round PNG "
         "(default: compare_accuracy.png next to the first run directory).",
     )
+    parser.add_argument(
+        "--at_rounds",
+        type=list[int] | None,
+        default=None,
+        help="Also read every run as if it had stopped after each of these rounds, e.g. "
+        "[25,50,75] for FedPart's C = 1, 2, 3 cycles: best accuracy up to the round, costs "
+        "until then.",
+    )
     return parser
 
 
@@ -208,7 +216,7 @@ def compare_command(cfg: Namespace) -> Path:
     from fedlit.compare import compare_runs
 
     plot = Path(cfg.plot) if cfg.plot else None
-    table, path = compare_runs([Path(p) for p in cfg.run_dirs], plot)
+    table, path = compare_runs([Path(p) for p in cfg.run_dirs], plot, cfg.at_rounds)
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)  # piped output would default to 80 columns and fold cells

@@ -22,6 +22,7 @@ class Stream(IntEnum):
     RECOMBINE = 4  # FedMR's per-layer permutations, keyed by round
     SPARSITY = 5  # LIPS's random-score masks, keyed by (round, client)
     PROBE = 6  # the samples a layer-peeled probe reads, keyed by (round, client)
+    SCHEDULE = 7  # FedPart's random layer order, keyed by cycle
 
 
 def stream_seed(seed: int, purpose: Stream, *keys: int) -> int:

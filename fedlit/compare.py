@@ -2,7 +2,10 @@
 
 Reads what every fit writes into its run_dir (metrics.jsonl, summary.json, config.yaml), so it
 works on runs from any machine, and on a run still in progress (no summary.json yet: its
-numbers come from the rounds logged so far and its wall time is unknown).
+numbers come from the rounds logged so far and its wall time is unknown). Costs are shown in
+the summary's units: communication in GB (10^9 bytes) and training FLOPs in TFLOPs (10^12), each
+with its ratio to full-network training over the same rounds (`fedlit.costs`); runs written
+before fedlit counted FLOPs show "-" there.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from typing import Any
 import yaml
 from rich.table import Table
 
-from fedlit.loggers import human_bytes, method_label, read_metrics
-from fedlit.plots import plot_comparison
+from fedlit.costs import GB, TFLOP
+from fedlit.loggers import method_label, read_metrics
+from fedlit.plots import plot_accuracy_vs_comm, plot_comparison
 
 
 @dataclass
@@ -31,22 +35,38 @@ class RunResult:
     final_acc: float
     rounds: int
     comm_bytes: int
-    wall_seconds: float | None  # None while the run has no summary.json
+    comm_ratio: float | None  # comm_bytes / what full-network training would have moved
+    train_flops: int | None  # FLOPs of local training (None: the run did not count them)
+    flops_ratio: float | None  # train_flops / those of full-network training
+    wall_seconds: float | None  # None while the run has no summary.json, or cut at a round
     curve: tuple[list[int], list[float]]  # (round, test accuracy) of every evaluated round
+    comm_curve: tuple[list[float], list[float]]  # (cumulative bytes, test accuracy)
+    running: bool = False  # no summary.json yet
 
 
-def load_run(run_dir: Path, label: str) -> RunResult:
-    """Read one run directory; ValueError naming the directory when it is not a fedlit run."""
+def load_run(run_dir: Path, label: str, upto: int | None = None) -> RunResult:
+    """Read one run directory; ValueError naming the directory when it is not a fedlit run.
+
+    `upto` reads the run as if it had stopped after that round: best accuracy among the rounds
+    up to it, costs accumulated until then. Every draw of a run is keyed by the round, so this
+    is what a run with `trainer.rounds: upto` gives (FedPart's C cycles are the first 25 C
+    rounds of a longer run).
+    """
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.is_file():
         raise ValueError(f"{run_dir}: no metrics.jsonl here; is it a fedlit run_dir?")
     records = [r for r in read_metrics(metrics_path) if isinstance(r.get("test/acc"), float)]
     if not records:
         raise ValueError(f"{run_dir}: metrics.jsonl has no evaluated round yet")
+    if upto is not None:
+        records = [r for r in records if r["round"] <= upto]
+        if not records:
+            raise ValueError(f"{run_dir}: no evaluated round at or before round {upto}")
     config_path, summary_path = run_dir / "config.yaml", run_dir / "summary.json"
     config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
     summary: dict[str, Any] = {}
-    if summary_path.is_file():
+    running = not summary_path.is_file()
+    if summary_path.is_file() and upto is None:  # the summary describes the whole run
         summary = json.loads(summary_path.read_text())
     best = max(records, key=lambda r: r["test/acc"])
     last = records[-1]
@@ -58,8 +78,13 @@ def load_run(run_dir: Path, label: str) -> RunResult:
         final_acc=summary.get("final_test_acc", last["test/acc"]),
         rounds=summary.get("rounds", last["round"]),
         comm_bytes=summary.get("comm_bytes", last.get("comm/bytes", 0)),
+        comm_ratio=summary.get("comm_ratio", last.get("comm/ratio")),
+        train_flops=summary.get("train_flops", last.get("cost/flops_total")),
+        flops_ratio=summary.get("flops_ratio", last.get("cost/flops_ratio")),
         wall_seconds=summary.get("wall_seconds"),
         curve=([r["round"] for r in records], [r["test/acc"] for r in records]),
+        comm_curve=([r.get("comm/bytes", 0) for r in records], [r["test/acc"] for r in records]),
+        running=running and upto is None,
     )
 
 
@@ -69,17 +94,24 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
     return [p.name if names[p.name] == 1 else str(p) for p in run_dirs]
 
 
+def _number(value: float | None, fmt: str, scale: float = 1.0) -> str:
+    return "-" if value is None else format(value / scale, fmt)
+
+
 def comparison_table(results: list[RunResult]) -> Table:
     """One row per run; the best final accuracy in bold."""
     table = Table(title="fedlit compare")
     table.add_column("run", overflow="fold")
     table.add_column("method", max_width=36)
-    for name in ("best acc", "round", "final acc", "rounds", "comm", "time"):
+    columns = ("best acc", "round", "final acc", "rounds", "comm GB", "comm ratio")
+    for name in (*columns, "TFLOPs", "FLOPs ratio", "time"):
         table.add_column(name, justify="right", no_wrap=True)
     top = max(r.final_acc for r in results)
     for r in results:
         final = f"{r.final_acc:.4f}"
-        wall = "running" if r.wall_seconds is None else f"{r.wall_seconds:.1f} s"
+        wall = "running" if r.running else "-"
+        if r.wall_seconds is not None:
+            wall = f"{r.wall_seconds:.1f} s"
         table.add_row(
             r.label,
             r.method,
@@ -87,15 +119,40 @@ def comparison_table(results: list[RunResult]) -> Table:
             str(r.best_round),
             f"[bold]{final}[/bold]" if r.final_acc == top else final,
             str(r.rounds),
-            human_bytes(r.comm_bytes),
+            _number(r.comm_bytes, ".3g", GB),
+            _number(r.comm_ratio, ".3f"),
+            _number(r.train_flops, ".3g", TFLOP),
+            _number(r.flops_ratio, ".3f"),
             wall,
         )
     return table
 
 
-def compare_runs(run_dirs: list[Path], plot_path: Path | None = None) -> tuple[Table, Path]:
-    """The table and the accuracy plot (default: compare_accuracy.png next to the first run)."""
-    results = [load_run(p, label) for p, label in zip(run_dirs, run_labels(run_dirs), strict=True)]
+def compare_runs(
+    run_dirs: list[Path], plot_path: Path | None = None, at_rounds: list[int] | None = None
+) -> tuple[Table, Path]:
+    """The table and the plots (default: compare_accuracy.png next to the first run).
+
+    Beside the accuracy-per-round plot: accuracy against cumulative communication
+    (compare_accuracy_vs_comm.png) and, when runs recorded them, the per-step gradient norms
+    (compare_gradnorm.png). `at_rounds` gives one row per run and round, each as if the run had
+    stopped there.
+    """
+    labels = run_labels(run_dirs)
+    results = [load_run(p, label) for p, label in zip(run_dirs, labels, strict=True)]
     plot_path = plot_path or run_dirs[0].parent / "compare_accuracy.png"
     plot_comparison({r.label: r.curve for r in results}, plot_path)
+    plot_accuracy_vs_comm(
+        {r.label: r.comm_curve for r in results},
+        plot_path.with_name(plot_path.stem + "_vs_comm.png"),
+    )
+    from callbacks.gradnorm import plot_gradnorm_comparison  # writes nothing without norms
+
+    plot_gradnorm_comparison(run_dirs, labels, plot_path.with_name("compare_gradnorm.png"))
+    if at_rounds:
+        results = [
+            load_run(p, f"{label} @{n}", upto=n)
+            for p, label in zip(run_dirs, labels, strict=True)
+            for n in at_rounds
+        ]
     return comparison_table(results), plot_path

@@ -6,13 +6,18 @@ One round, as data flow:
    working model that is reloaded from the global weights for each client;
 3. each rank adds n_k * w_k of its clients into one flat buffer, one all-reduce sums the
    buffers, and every rank divides: the new global model is identical on every rank;
+   every rank also accounts for the bytes and FLOPs of all sampled clients (fedlit.costs), from
+   the plan alone: no collective, no device read;
 4. evaluation (global test set sharded over ranks; personalised on clients' local test splits)
    runs on its schedule, rank 0 writes metrics, checkpoints and plots.
 
 Hooks, in call order (callbacks are plain objects; each receives only the arguments its method
-names): on_fit_start(fabric, model, layers, federation), on_round_start(round, clients),
+names): check_layers(layers) (before any rank starts: reject settings that do not fit the
+model's layer map with a ValueError), on_fit_start(fabric, model, layers, federation),
+on_round_start(round, clients),
 select_layers(round, layers) -> names or None (asked, not called: narrows which layers are
-trained and communicated; the others are frozen for the round),
+trained and communicated; the others are frozen for the round; it must be a pure function of the
+round, because the engine also asks it for every round at the start to show the schedule),
 on_client_start(round, client, model), on_train_batch_end(round, client, step, loss),
 on_client_end(round, client, model), on_aggregate_end(round, global_model, clients),
 on_evaluate_end(round, metrics), on_round_end(round, metrics), on_fit_end(summary).
@@ -54,6 +59,7 @@ from fedlit.clients import (
 )
 from fedlit.comm import Communicator, FlatLayout, copy_into, named_tensors
 from fedlit.config import LoggerConfig, TrainerConfig
+from fedlit.costs import CostTracker
 from fedlit.dashboard import Dashboard, NoDashboard, open_dashboard
 from fedlit.data.config import DataConfig
 from fedlit.data.datasets import DataBundle, load_dataset
@@ -70,6 +76,13 @@ from fedlit.resume import (
     first_nonfinite_layer,
     gather_rank_states,
     restore,
+)
+from fedlit.schedule import (
+    planned_layers,
+    schedule_table,
+    segments,
+    selects_layers,
+    write_schedule,
 )
 
 ModelFactory = Callable[[int, tuple[int, ...]], nn.Module]
@@ -168,8 +181,13 @@ class Federation:
     comm: Communicator
     per_round: int
     server: ServerStep | None = None
-    comm_bytes: int = 0
+    costs: CostTracker | None = None  # bytes and FLOPs, identical on every rank
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def comm_bytes(self) -> int:
+        """Bytes clients uploaded and downloaded so far (`comm/bytes`)."""
+        return self.costs.comm_bytes
 
     @property
     def rank(self) -> int:
@@ -227,6 +245,8 @@ def load(run: RunConfig) -> Loaded:
     model = call_optional(run.algorithm, "build_model", model=model) or model
     layers = model.layer_map()
     check_layer_map(model, layers)
+    for callback in run.callbacks:  # e.g. a schedule naming layers the model does not have
+        call_optional(callback, "check_layers", layers=layers)
     return Loaded(bundle, partition, model, layers)
 
 
@@ -273,6 +293,7 @@ def setup(run: RunConfig, fabric: Fabric, loaded: Loaded) -> Federation:
     )
     make_server = getattr(run.algorithm, "make_server", None)
     fed.server = make_server(fed) if make_server is not None else default_server(fed)
+    fed.costs = CostTracker.for_federation(fed)
     return fed
 
 
@@ -291,7 +312,8 @@ class RoundPlan:
     active: list[str]  # layers trained and communicated this round (the rest are frozen)
     trainable: set[str]  # parameter names of the active layers
     reduced: list[str]  # tensors in the all-reduce: trained parameters and their float buffers
-    sent_bytes: int  # bytes one client uploads (and downloads) this round
+    sent_bytes: int  # bytes one client uploads this round
+    down_bytes: int  # bytes the sampled clients download: what changed since each last synced
     evaluate: bool
 
 
@@ -314,15 +336,21 @@ def plan_round(fed: Federation, round_idx: int) -> RoundPlan:
         trainable=set(params),
         reduced=params + float_buffers,
         sent_bytes=FlatLayout.of(fed.global_model, sent).nbytes(),
+        down_bytes=fed.costs.download_bytes(clients),
         evaluate=round_idx % run.trainer.eval_every == 0 or round_idx == run.trainer.rounds,
     )
 
 
 def freeze_inactive(model: nn.Module, trainable: set[str]) -> None:
     """Parameters outside this round's layers get requires_grad=False: autograd then computes no
-    weight gradient for them and backward stops below the lowest trainable layer."""
+    weight gradient for them and backward stops below the lowest trainable layer.
+
+    Gradients left on the reused working model by the previous client are dropped: a frozen
+    parameter must not carry another client's gradient into callbacks that read `.grad`.
+    """
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable)
+        param.grad = None
 
 
 def seed_device_generator(device: torch.device, seed: int) -> None:
@@ -436,8 +464,7 @@ def run_round(
 
     step = fed.server.finish(plan)
     check_finite(fed, round_idx, step.train_loss, first_bad, weights=checkpoints(run, round_idx))
-    round_bytes = step.round_bytes
-    fed.comm_bytes += round_bytes
+    costs = fed.costs.record(round_idx, plan, step)
     fabric.call(
         "on_aggregate_end", round=round_idx, global_model=fed.global_model, clients=plan.clients
     )
@@ -446,8 +473,7 @@ def run_round(
         "round": round_idx,
         "train/loss": step.train_loss,
         "clients": len(plan.clients),
-        "comm/bytes": fed.comm_bytes,
-        "comm/round_bytes": round_bytes,
+        **costs,
         **step.metrics,
     }
     if plan.evaluate:
@@ -534,7 +560,7 @@ def summarize(fed: Federation, wall_seconds: float) -> dict[str, Any]:
         "final_test_loss": final["test/loss"],
         "rounds": fed.history[-1]["round"],
         "wall_seconds": wall_seconds,
-        "comm_bytes": fed.comm_bytes,
+        **fed.costs.summary(),
         "world_size": fed.world_size,
     }
     for key in ("personal/acc_local", "personal/acc_global"):
@@ -698,6 +724,25 @@ def run_rounds(
                 save_round_checkpoint(fed, round_idx, dashboard.run_id)
 
 
+def show_schedule(fed: Federation, report: ConsoleReport, files: RunFiles | None) -> None:
+    """When a callback narrows the trained layers: the planned schedule as a table on the
+    console and round by round in run_dir/schedule.json (rank 0)."""
+    run = fed.run
+    if files is None or not selects_layers(run.callbacks):
+        return
+    names = [layer.name for layer in fed.layers]
+    plan = planned_layers(run.callbacks, names, run.trainer.rounds)
+    write_schedule(plan, run.run_dir / "schedule.json")
+
+    layer_bytes = dict(zip(names, fed.costs.ledger.layer_bytes, strict=True))
+
+    def sent_bytes(layer_names: list[str]) -> int:
+        return sum(layer_bytes[name] for name in layer_names)
+
+    if report.enabled:
+        report.print(schedule_table(segments(plan), names, sent_bytes))
+
+
 def train(fed: Federation) -> dict[str, Any] | None:
     """Run the rounds; returns the summary on rank 0 (None on other ranks).
 
@@ -728,6 +773,7 @@ def train(fed: Federation) -> dict[str, Any] | None:
     if is_main:
         if report.enabled:
             report.startup(describe(fed, counts), title=f"fedlit fit: {run.run_dir.name}")
+        show_schedule(fed, report, files)
         wandb_config = run.logger.wandb
         saved_id = run.resume.get("wandb_id") if run.resume is not None else None
         if saved_id and wandb_config.id is None:  # the resumed run continues its W&B run

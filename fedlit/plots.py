@@ -131,15 +131,39 @@ def plot_communication(records: list[dict[str, Any]], path: Path) -> Path:
 
 
 def communication_figure(records: list[dict[str, Any]]) -> Figure:
-    """MiB moved per round (bars: uploads + downloads of the sampled clients) and in total."""
+    """MiB moved per round (bars: downloads and uploads of the sampled clients, stacked; one bar
+    of both for runs that logged only `comm/round_bytes`) and in total, next to what
+    full-network training would have moved (`comm/full_bytes`, when logged)."""
     figure = Figure(figsize=(6, 4), dpi=120)
     axes = figure.subplots()
-    xs, per_round = _series(records, "comm/round_bytes")
-    axes.bar(xs, [b / MIB for b in per_round], color="tab:blue", alpha=0.7, label="per round")
+    xs, down = _series(records, "comm/down_bytes")
+    _, up = _series(records, "comm/up_bytes")
+    if down and len(up) == len(down):
+        axes.bar(xs, [b / MIB for b in down], color="tab:blue", alpha=0.7, label="down")
+        axes.bar(
+            xs,
+            [b / MIB for b in up],
+            bottom=[b / MIB for b in down],
+            color="tab:green",
+            alpha=0.7,
+            label="up",
+        )
+    else:
+        xs, per_round = _series(records, "comm/round_bytes")
+        axes.bar(xs, [b / MIB for b in per_round], color="tab:blue", alpha=0.7, label="per round")
     axes.set_ylabel("MiB per round")
     total_axes = axes.twinx()
     xs_total, total = _series(records, "comm/bytes")
     total_axes.plot(xs_total, [b / MIB for b in total], color="tab:orange", label="cumulative")
+    xs_full, full = _series(records, "comm/full_bytes")
+    if full:
+        total_axes.plot(
+            xs_full,
+            [b / MIB for b in full],
+            color="tab:orange",
+            linestyle="--",
+            label="cumulative, full network",
+        )
     total_axes.set_ylabel("MiB in total")
     total_axes.set_ylim(bottom=0)
     axes.set_xlabel("round")
@@ -181,3 +205,19 @@ def plot_comparison(
 ) -> Path:
     """One accuracy-per-round curve per run, for `fedlit compare`."""
     return _save(curves_figure(curves, ylabel, f"{ylabel} per round"), path)
+
+
+def plot_accuracy_vs_comm(curves: dict[str, tuple[list[float], list[float]]], path: Path) -> Path:
+    """Test accuracy against cumulative communication (GB), one curve per run: how much a method
+    pays in traffic for its accuracy (FedPart's claim is the same accuracy for a third)."""
+    figure = Figure(figsize=(7, 4.5), dpi=120)
+    axes = figure.subplots()
+    for label, (sent, acc) in curves.items():
+        axes.plot([b / 1e9 for b in sent], acc, marker="o", markersize=2, label=label)
+    axes.set_xlabel("cumulative communication (GB, up + down)")
+    axes.set_ylabel("test accuracy")
+    axes.set_title("test accuracy against communication")
+    axes.grid(alpha=0.3)
+    if 0 < len(curves) <= MAX_LEGEND_ENTRIES:
+        axes.legend(fontsize=8)
+    return _save(figure, path)

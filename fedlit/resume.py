@@ -1,11 +1,12 @@
 """Resuming a run: what a checkpoint holds, how every rank's state gets into it and back.
 
 A checkpoint (rank 0 writes it, atomically) holds the global model, the round, the metrics
-history, the communication count, the resolved config, the W&B run id and one entry per rank
-with that rank's per-client state: local BN statistics, the algorithm's state (MOON's previous
-models), the server step's state (FedMR's slots) and each callback's state (LIPS's gradients,
-LayerInertia's snapshots, the probes' history). Ranks send their entry to rank 0 with one
-`gather_object` per checkpoint.
+history, the communication count, the cost accounting (`fedlit.costs`: which layer changed when,
+which model each client holds, the running totals; the same on every rank), the resolved
+config, the W&B run id and one entry per rank with that rank's per-client state: local BN
+statistics, the algorithm's state (MOON's previous models), the server step's state (FedMR's
+slots) and each callback's state (LIPS's gradients, LayerInertia's snapshots, the probes'
+history). Ranks send their entry to rank 0 with one `gather_object` per checkpoint.
 
 No RNG state is saved, on purpose: every random number of a round comes from a generator
 seeded by (seed, stream, round, client) (`fedlit.clients.stream_seed`), and the global torch
@@ -30,7 +31,7 @@ from fedlit.clients import owner
 if TYPE_CHECKING:
     from fedlit.engine import Federation
 
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
 LAST = Path("checkpoints") / "last.ckpt"
 
 # Keys that may change between a checkpoint and its resume: they do not change what a round
@@ -164,6 +165,7 @@ def checkpoint_state(
         "model": {k: v.detach().cpu() for k, v in fed.global_model.state_dict().items()},
         "metrics": fed.history,
         "comm_bytes": fed.comm_bytes,
+        "costs": fed.costs.state_dict(),
         "config": fed.run.config_yaml,
         "wandb_id": wandb_id,
         "world_size": fed.world_size,
@@ -178,7 +180,7 @@ def restore(fed: Federation, state: dict[str, Any]) -> int:
     fed.global_model.load_state_dict(state["model"])
     fed.working.load_state_dict(state["model"])
     fed.history = [dict(m) for m in state["metrics"]]
-    fed.comm_bytes = int(state["comm_bytes"])
+    fed.costs.load_state_dict(state["costs"])
     restore_rank_state(fed, mine)
     return int(state["round"])
 

@@ -52,10 +52,12 @@ def test_compare_table_and_plot(tmp_path):
     assert plot.read_bytes()[:4] == b"\x89PNG"
     rows = [line.split("│")[1:-1] for line in text_of(table).splitlines() if line.count("│") > 2]
     cells = [[cell.strip() for cell in row] for row in rows]
+    # comm in GB (10^9 bytes); runs without cost accounting show "-" for ratios and FLOPs
+    gb = [f"{k * 1024 / 1e9:.3g}" for k in (3, 2, 1)]
     assert cells == [
-        ["fedavg", "FedAvg(mu=0.1)", "0.8000", "2", "0.7000", "3", "3.0 KiB", "12.5 s"],
-        [str(b), "FedProx(mu=0.1)", "0.7500", "2", "0.7500", "2", "2.0 KiB", "12.5 s"],
-        [str(c), "FedProx(mu=0.1)", "0.4000", "1", "0.4000", "1", "1.0 KiB", "running"],
+        ["fedavg", "FedAvg(mu=0.1)", "0.8000", "2", "0.7000", "3", gb[0], *"---", "12.5 s"],
+        [str(b), "FedProx(mu=0.1)", "0.7500", "2", "0.7500", "2", gb[1], *"---", "12.5 s"],
+        [str(c), "FedProx(mu=0.1)", "0.4000", "1", "0.4000", "1", gb[2], *"---", "running"],
     ]
     assert run_labels([a, b, c]) == ["fedavg", str(b), str(c)]
     assert load_run(b, "b").curve == ([1, 2], [0.6, 0.75])
@@ -74,3 +76,20 @@ def test_compare_command(tmp_path, capsys, monkeypatch):
         main(["compare", str(a), str(tmp_path / "missing")])
     assert exit_info.value.code == 2
     assert "missing: no metrics.jsonl here" in capsys.readouterr().err
+
+
+def test_at_rounds_reads_runs_as_if_they_had_stopped_there(tmp_path):
+    a = write_run(tmp_path / "runs" / "fedavg", "FedAvg", [0.5, 0.8, 0.7, 0.9])
+    table, plot = compare_runs([a], at_rounds=[1, 3])
+    rows = [line.split("│")[1:-1] for line in text_of(table).splitlines() if line.count("│") > 2]
+    cells = [[cell.strip() for cell in row] for row in rows]
+    # best accuracy among the rounds up to N, communication accumulated until N, no wall time
+    assert [c[0] for c in cells] == ["fedavg @1", "fedavg @3"]
+    assert [c[2:7] for c in cells] == [
+        ["0.5000", "1", "0.5000", "1", f"{1024 / 1e9:.3g}"],
+        ["0.8000", "2", "0.7000", "3", f"{3 * 1024 / 1e9:.3g}"],
+    ]
+    assert [c[-1] for c in cells] == ["-", "-"]
+    assert (plot.parent / "compare_accuracy_vs_comm.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="no evaluated round at or before round 0"):
+        load_run(a, "fedavg", upto=0)

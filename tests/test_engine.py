@@ -162,7 +162,11 @@ def test_select_layers_limits_what_is_aggregated_and_counted(tmp_path):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"fc3.weight", "fc3.bias"}
     fc3_bytes = 4 * (84 * 10 + 10)
-    assert metrics["comm/round_bytes"] == 2 * 6 * fc3_bytes
+    # each client uploads fc3 only; in round 1 it downloads the whole initial model
+    model_bytes = 4 * sum(p.numel() for p in fed.global_model.parameters())
+    assert metrics["comm/up_bytes"] == 6 * fc3_bytes
+    assert metrics["comm/down_bytes"] == 6 * model_bytes
+    assert metrics["comm/round_bytes"] == 6 * (fc3_bytes + model_bytes)
 
 
 class GradRecorder:

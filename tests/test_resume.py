@@ -99,7 +99,7 @@ def test_checkpoint_holds_the_whole_run_state(tmp_path):
     run = method_run(tmp_path, "lips_local_bn")
     fit(run)
     state = load_checkpoint(tmp_path / LAST)
-    assert state["version"] == 2 and state["round"] == ROUNDS and state["world_size"] == 1
+    assert state["version"] == 3 and state["round"] == ROUNDS and state["world_size"] == 1
     assert [m["round"] for m in state["metrics"]] == list(range(1, ROUNDS + 1))
     assert state["comm_bytes"] == state["metrics"][-1]["comm/bytes"] > 0
     (rank0,) = state["ranks"]

@@ -13,6 +13,13 @@ optional and found by name, so FedAvg stays a few lines and a regulariser is one
 - `client_end(round, client, model)`: after local training (MOON keeps the client's model).
 - `make_server(federation) -> ServerStep`: replace weighted averaging by another server step
   (FedMR's recombination); without it the engine uses `fedlit.algorithms.fedavg.AverageServer`.
+  A server step reports the bytes its clients really moved (`StepResult.up_bytes` and
+  `down_bytes`); `plan.down_bytes` is what the clients need to catch up with the global model.
+- `frozen_forwards(taken_part) -> int`: how many extra forward passes through `model.features`,
+  on frozen models and without backward, the loss runs per batch for a client that has trained
+  `taken_part` times before (MOON: the global model and its previous models). The cost
+  accounting (`fedlit.costs`) counts their FLOPs; without it only the model's own forward and
+  backward are counted.
 
 Each optional method receives only the keyword arguments its signature names.
 """
@@ -60,8 +67,14 @@ class StepResult:
     """What a server step reports back to the round loop (identical on every rank)."""
 
     train_loss: float  # sample-weighted mean of the clients' mean training losses
-    round_bytes: int  # bytes sent up and down between clients and server this round
+    up_bytes: int  # bytes the round's clients uploaded to the server, all together
+    down_bytes: int  # bytes they downloaded from it before training, all together
     metrics: dict[str, float | int] = field(default_factory=dict)  # extra, same on every rank
+
+    @property
+    def round_bytes(self) -> int:
+        """Both directions: the round's `comm/round_bytes`."""
+        return self.up_bytes + self.down_bytes
 
 
 @runtime_checkable

@@ -126,5 +126,8 @@ class AverageServer:
         self.summed = None
         return StepResult(
             train_loss=extras[0] / total_weight,
-            round_bytes=2 * len(plan.clients) * plan.sent_bytes,
+            # each client uploads the layers it trained and downloaded what had changed
+            # since it last took part (the engine's ledger, fedlit.costs)
+            up_bytes=len(plan.clients) * plan.sent_bytes,
+            down_bytes=plan.down_bytes,
         )

@@ -335,10 +335,13 @@ class RecombinationServer:
             "fedmr/exchange_bytes": self.exchange_bytes,
             "fedmr/exchange_bytes_total": self.exchange_bytes_total,
         }
+        # every sampled client downloads its whole slot and uploads it trained: the slots
+        # differ in every layer, whatever a callback freezes
+        slot_bytes = len(plan.clients) * self.layout.nbytes()
         return StepResult(
             train_loss=train_loss,
-            # every sampled client downloads its slot and uploads it trained, as under FedAvg
-            round_bytes=2 * len(plan.clients) * self.layout.nbytes(),
+            up_bytes=slot_bytes,
+            down_bytes=slot_bytes,
             metrics=dict(self.metrics),
         )
 

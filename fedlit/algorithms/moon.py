@@ -247,6 +247,15 @@ class MOON:
         self._stores[count % self.history].put(client, _full_state(model))
         self._taken_part[client] = count + 1
 
+    def frozen_forwards(self, taken_part: int) -> int:
+        """Frozen `features` passes per batch besides the model's own, for the cost accounting:
+        the received global model and the client's previous models (the initial model stands
+        in for them before the client's first round), as `client_start` fills them; none when
+        mu = 0, where `loss` skips them."""
+        if self.mu == 0:
+            return 0
+        return 1 + max(1, min(self.history, taken_part))
+
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         if self.mu == 0:
             return F.cross_entropy(model(x), y)
