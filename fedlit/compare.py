@@ -135,7 +135,7 @@ def compare_runs(
 
     Beside the accuracy-per-round plot: accuracy against cumulative communication
     (compare_accuracy_vs_comm.png) and, when runs recorded them, the per-step gradient norms
-    (compare_gradnorm.png). `at_rounds` gives one row per run and round, each as if the run had
+    (compare_accuracy_gradnorm.png). `at_rounds` gives one row per run and round, each as if the run had
     stopped there.
     """
     labels = run_labels(run_dirs)
@@ -148,7 +148,9 @@ def compare_runs(
     )
     from callbacks.gradnorm import plot_gradnorm_comparison  # writes nothing without norms
 
-    plot_gradnorm_comparison(run_dirs, labels, plot_path.with_name("compare_gradnorm.png"))
+    plot_gradnorm_comparison(
+        run_dirs, labels, plot_path.with_name(plot_path.stem + "_gradnorm.png")
+    )
     if at_rounds:
         results = [
             load_run(p, f"{label} @{n}", upto=n)

@@ -157,6 +157,13 @@ def check_before_launch(run: RunConfig) -> None:
             "client would own no client and idle in every round; use at most "
             f"{run.data.num_clients} ranks"
         )
+    if selects_layers(run.callbacks) and not getattr(run.algorithm, "partial_rounds", True):
+        selecting = [type(c).__name__ for c in run.callbacks if hasattr(c, "select_layers")]
+        raise ValueError(
+            f"{type(run.algorithm).__name__} cannot train only some layers per round, but "
+            f"callbacks {selecting} select layers; remove them or use an averaging algorithm "
+            "(FedAvg, FedProx, MOON)"
+        )
     if run.trainer.personal_eval and run.data.local_test == "none":
         raise ValueError(
             "trainer.personal_eval needs per-client test splits: set data.local_test to "
@@ -326,9 +333,14 @@ def plan_round(fed: Federation, round_idx: int) -> RoundPlan:
         run.callbacks, "select_layers", all_layers, round=round_idx, layers=all_layers
     )
     params, float_buffers = fed.tensor_names(list(active))
-    # Buffers are always reduced so that the global model can be evaluated; with the "local"
-    # policy they are never sent back to clients, so they do not count as communication.
     sent = params + float_buffers if run.algorithm.buffers == "average" else params
+    if run.algorithm.buffers == "local":
+        # Clients keep their BN statistics and never send them, so they are not communication;
+        # the global model still needs statistics to be evaluated. Every layer's statistics moved
+        # on the clients (the whole network trains in train mode, frozen layers included), so
+        # every layer's are averaged, for evaluation only: a partial round that averaged only
+        # its own layer's would evaluate the layers above it with statistics of stale inputs.
+        float_buffers = fed.tensor_names(all_layers)[1]
     return RoundPlan(
         clients=clients,
         mine=owned_clients(clients, fed.rank, fed.world_size),

@@ -11,10 +11,10 @@ import yaml
 from rich.console import Console
 
 from callbacks.freezing import FedPartSchedule
-from fedlit.algorithms import MOON, FedAvg, FedProx
+from fedlit.algorithms import MOON, FedAvg, FedMR, FedProx
 from fedlit.cli import main
 from fedlit.data.config import DataConfig
-from fedlit.engine import fit, run_round
+from fedlit.engine import fit, prepare, run_round
 from fedlit.models import CNN, ResNet8
 from fedlit.schedule import planned_layers, schedule_table, segments
 from tests.runs import start, tiny_run
@@ -238,10 +238,12 @@ def test_a_partial_round_changes_and_counts_only_the_chosen_layer(tmp_path, buff
     )
     run_round(fed, 2)
     metrics = run_round(fed, 3)  # the layer's second round: clients already hold the rest
-    # only the chosen layer's parameters (and, averaged, its BN statistics) moved
+    # only the chosen layer's parameters moved. BN statistics: averaged with the weights, the
+    # chosen layer's moved too; kept local, every layer's are averaged for evaluation only
     float_buffers = {b for b in layer.buffers if before[b].is_floating_point()}
-    expected = set(layer.params) | float_buffers
-    assert changed(before, fed.global_model) == expected
+    every_float_buffer = {b for b, v in fed.global_model.named_buffers() if v.is_floating_point()}
+    moved_buffers = float_buffers if buffers == "average" else every_float_buffer
+    assert changed(before, fed.global_model) == set(layer.params) | moved_buffers
     # frozen layers had no gradient in any client of the partial rounds
     assert recorder.with_grad[3:] == [set(layer.params)] * 6
     # the bytes of that layer only, up and down, per client
@@ -274,9 +276,12 @@ def test_fedpart_composes_with_fedprox_and_moon(tmp_path, algorithm):
         assert schedule.select_layers(round_idx, names) == [layer.name]
         before = state(fed.global_model)
         metrics = run_round(fed, round_idx)
-        assert changed(before, fed.global_model) == set(layer.params) | {
-            b for b in layer.buffers if before[b].is_floating_point()
+        params_moved = {
+            k
+            for k in changed(before, fed.global_model)
+            if k in dict(fed.global_model.named_parameters())
         }
+        assert params_moved == set(layer.params)
         assert torch.isfinite(torch.tensor(metrics["train/loss"]))
 
 
@@ -329,3 +334,18 @@ def test_a_longer_run_repeats_a_shorter_one_round_for_round(tmp_path):
         records = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").open()]
         curves.append([(r["round"], r["test/acc"], r["train/loss"]) for r in records])
     assert curves[1][:3] == curves[0]
+
+
+def test_fedmr_refuses_a_layer_schedule_before_launch(tmp_path):
+    run = tiny_run(
+        tmp_path / "run",
+        model=partial(CNN, padding=2),
+        algorithm=FedMR(),
+        callbacks=[FedPartSchedule()],
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"FedMR cannot train only some layers per round, but "
+        r"callbacks \['FedPartSchedule'\] select layers",
+    ):
+        prepare(run)

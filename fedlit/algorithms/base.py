@@ -20,6 +20,8 @@ optional and found by name, so FedAvg stays a few lines and a regulariser is one
   `taken_part` times before (MOON: the global model and its previous models). The cost
   accounting (`fedlit.costs`) counts their FLOPs; without it only the model's own forward and
   backward are counted.
+- `partial_rounds = False` (an attribute): the method cannot train only some layers per round
+  (FedMR recombines whole models), so a callback with `select_layers` is refused before launch.
 
 Each optional method receives only the keyword arguments its signature names.
 """

@@ -80,6 +80,9 @@ class FedMR:
         self.unit = unit
         self.partitions = partitions
         self.buffers: Literal["average"] = "average"
+        # each slot is recombined as a whole model: a round that trains only some layers
+        # (FedPart's select_layers) has no meaning here, and the engine refuses the pairing
+        self.partial_rounds = False
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(x), y)
