@@ -18,11 +18,14 @@ state in a checkpoint.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from fedlit.clients import Stream, stream_seed
+from fedlit.loggers import read_metrics
 from fedlit.models.layers import Layer
 
 if TYPE_CHECKING:
@@ -78,6 +81,7 @@ class FedPartSchedule:
         self.layers = list(layers) if layers is not None else None
         self.seed = 0
         self._map: list[str] | None = None
+        self._fed: Federation | None = None
 
     def check_layers(self, layers: list[Layer]) -> None:
         """Before any rank starts: `layers` must name layers the model has."""
@@ -92,6 +96,7 @@ class FedPartSchedule:
     def on_fit_start(self, layers: list[Layer], federation: Federation) -> None:
         self.seed = federation.run.seed
         self._map = [layer.name for layer in layers]
+        self._fed = federation
 
     def cycle_length(self, num_layers: int) -> int:
         """W + L * R rounds."""
@@ -129,3 +134,46 @@ class FedPartSchedule:
         names = self._map or []
         chosen = self.layer_at(round, names) if names else None
         metrics["fedpart/layer"] = -1 if chosen is None else names.index(chosen)
+
+    def on_fit_end(self) -> None:
+        """plots/fedpart_schedule.png (rank 0): test accuracy over the trained layer, round by
+        round, read from metrics.jsonl so that a resumed run draws its whole history."""
+        fed = self._fed
+        if fed is None or fed.rank != 0 or not fed.run.logger.plots or self._map is None:
+            return
+        metrics_path = Path(fed.run.run_dir) / "metrics.jsonl"
+        records = read_metrics(metrics_path) if metrics_path.is_file() else []
+        rounds = fed.run.trainer.rounds
+        trained = [self.layer_at(r, self._map) for r in range(1, rounds + 1)]
+        plot_schedule(records, self._map, trained, Path(fed.run.run_dir) / "plots")
+
+
+def plot_schedule(
+    records: list[dict[str, Any]], names: list[str], trained: list[str | None], plots_dir: Path
+) -> Path:
+    """Test accuracy per round above the layer each round trained (full rounds shaded)."""
+    figure = Figure(figsize=(8, 5.5), dpi=120)
+    acc_axes, layer_axes = figure.subplots(2, 1, sharex=True, height_ratios=[3, 2])
+    rounds = list(range(1, len(trained) + 1))
+    for r, layer in zip(rounds, trained, strict=True):
+        if layer is None:
+            for axes in (acc_axes, layer_axes):
+                axes.axvspan(r - 0.5, r + 0.5, color="0.9", lw=0)
+    evaluated = [m for m in records if isinstance(m.get("test/acc"), float)]
+    acc_axes.plot(
+        [m["round"] for m in evaluated], [m["test/acc"] for m in evaluated], marker="o", ms=2
+    )
+    acc_axes.set_ylabel("test accuracy")
+    acc_axes.set_title("FedPart: accuracy and the layer trained each round (grey: all layers)")
+    acc_axes.grid(alpha=0.3)
+    full = len(names)
+    levels = [full if layer is None else names.index(layer) for layer in trained]
+    layer_axes.step(rounds, levels, where="mid")
+    layer_axes.set_yticks(range(full + 1), [*names, "all"], fontsize=7)
+    layer_axes.set_xlabel("round")
+    layer_axes.grid(alpha=0.3)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    path = plots_dir / "fedpart_schedule.png"
+    figure.tight_layout()
+    figure.savefig(path)
+    return path

@@ -188,6 +188,8 @@ def test_schedule_table_and_file(tmp_path):
     fit(run)
     saved = json.loads((run.run_dir / "schedule.json").read_text())["rounds"]
     assert [r["layers"] for r in saved] == [names, ["conv1"], ["conv1"], ["conv2"]]
+    plot = run.run_dir / "plots" / "fedpart_schedule.png"
+    assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
 def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
