@@ -73,6 +73,14 @@ def human_bytes(n: float) -> str:
     return f"{n:.0f} B" if step == 0 else f"{n:.1f} {units[step]}"
 
 
+def human_flops(n: float) -> str:
+    """21865392000 -> '21.9 GFLOP' (decimal prefixes, as FLOP counts are quoted)."""
+    for scale, unit in ((1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP")):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} FLOP"
+
+
 # What the round bar shows, in order: (metric key, label, format). Test metrics persist between
 # evaluations so the bar always carries the latest known value.
 STATUS_FIELDS = (
@@ -159,6 +167,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
             shown = human_bytes(value)
         elif key.endswith("seconds") and isinstance(value, (int, float)):
             shown = f"{value:.1f} s"
+        elif key.endswith("flops") and isinstance(value, (int, float)):
+            shown = human_flops(value)
         elif isinstance(value, float):
             shown = f"{value:.4f}"
         else:

@@ -37,10 +37,14 @@ def test_status_keeps_the_latest_evaluation_between_evaluated_rounds():
 
 
 def test_summary_table_shows_units_and_method_label_reads_the_config():
-    text = rendered(
-        summary_table({"best_test_acc": 0.97777, "comm_bytes": 3 * 1024**2, "wall_seconds": 2.04})
-    )
-    assert "0.9778" in text and "3.0 MiB" in text and "2.0 s" in text
+    summary = {
+        "best_test_acc": 0.97777,
+        "comm_bytes": 3 * 1024**2,
+        "wall_seconds": 2.04,
+        "train_flops": 21_865_392_000,
+    }
+    text = rendered(summary_table(summary))
+    assert "0.9778" in text and "3.0 MiB" in text and "2.0 s" in text and "21.9 GFLOP" in text
     config = {"algorithm": {"class_path": "fedlit.algorithms.FedProx", "init_args": {"mu": 0.1}}}
     assert method_label(config) == "FedProx(mu=0.1)"
     assert method_label({}, FedAvg(buffers="local")) == "FedAvg(buffers=local)"
