@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from fedlit.clients import Stream, stream_seed
 from fedlit.loggers import read_metrics
 from fedlit.models.layers import Layer
+from fedlit.plots import save_figure
 
 if TYPE_CHECKING:
     from fedlit.engine import Federation
@@ -172,8 +173,4 @@ def plot_schedule(
     layer_axes.set_yticks(range(full + 1), [*names, "all"], fontsize=7)
     layer_axes.set_xlabel("round")
     layer_axes.grid(alpha=0.3)
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    path = plots_dir / "fedpart_schedule.png"
-    figure.tight_layout()
-    figure.savefig(path)
-    return path
+    return save_figure(figure, plots_dir / "fedpart_schedule.png")

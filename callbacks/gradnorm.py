@@ -36,6 +36,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from torch import nn
 
 from fedlit.models.layers import Layer
+from fedlit.plots import save_figure
 
 if TYPE_CHECKING:
     from fedlit.engine import Federation
@@ -491,13 +492,6 @@ def _round_ticks(axes: Axes, starts: list[int], rounds: list[int], lengths: list
     top.tick_params(labelsize=7)
 
 
-def _save(figure: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.tight_layout()
-    figure.savefig(path)
-    return path
-
-
 def plot_gradnorm_steps(curves: GradNormCurves, path: Path) -> Path | None:
     """The paper's first figure for one run: total gradient norm (top) and update norm
     (bottom) of every local step, mean over clients, rounds laid end to end with the
@@ -520,7 +514,7 @@ def plot_gradnorm_steps(curves: GradNormCurves, path: Path) -> Path | None:
         if axes is panels[0]:
             _round_ticks(axes, starts, rounds, [len(c) for c in per_round])
     panels[-1].set_xlabel("local step (recorded rounds end to end; mean over clients)")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_gradnorm_layers(curves: GradNormCurves, path: Path) -> Path | None:
@@ -549,7 +543,7 @@ def plot_gradnorm_layers(curves: GradNormCurves, path: Path) -> Path | None:
         if len(layers) <= 24:
             axes.legend(fontsize=7, loc="upper right", ncol=2)
     panels[-1].set_xlabel("local step (recorded rounds end to end; mean over clients)")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_gradnorm_comparison(run_dirs: list[Path], labels: list[str], path: Path) -> Path | None:
@@ -612,4 +606,4 @@ def plot_gradnorm_comparison(run_dirs: list[Path], labels: list[str], path: Path
     spikes.set_title("gradient-norm spike after aggregation", fontsize=9)
     spikes.grid(alpha=0.3)
     spikes.legend(fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)

@@ -43,7 +43,8 @@ def _round_axes(axes: Axes, ylabel: str) -> None:
         axes.legend(fontsize=8)
 
 
-def _save(figure: Figure, path: Path) -> Path:
+def save_figure(figure: Figure, path: Path) -> Path:
+    """Write `figure` as a PNG at `path` (creating its folder): every fedlit figure goes here."""
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
     figure.savefig(path)
@@ -72,14 +73,14 @@ def plot_curves(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
             if xs:
                 axes.plot(xs, ys, marker="o", markersize=3, label=label)
         _round_axes(axes, ylabel)
-        written.append(_save(figure, plots_dir / filename))
+        written.append(save_figure(figure, plots_dir / filename))
     return written
 
 
 def plot_client_accuracy(
     records: list[dict[str, Any]], final: Sequence[float], split: str, path: Path
 ) -> Path:
-    return _save(client_accuracy_figure(records, final, split), path)
+    return save_figure(client_accuracy_figure(records, final, split), path)
 
 
 def client_accuracy_figure(
@@ -127,7 +128,7 @@ def client_accuracy_figure(
 
 
 def plot_communication(records: list[dict[str, Any]], path: Path) -> Path:
-    return _save(communication_figure(records), path)
+    return save_figure(communication_figure(records), path)
 
 
 def communication_figure(records: list[dict[str, Any]]) -> Figure:
@@ -196,7 +197,7 @@ def plot_layer_metrics(records: list[dict[str, Any]], plots_dir: Path) -> list[P
     for metric, layers in layer_series(records).items():
         figure = curves_figure(layers, metric, f"{metric} per layer")
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in metric)
-        written.append(_save(figure, plots_dir / f"layer_{safe}.png"))
+        written.append(save_figure(figure, plots_dir / f"layer_{safe}.png"))
     return written
 
 
@@ -204,7 +205,7 @@ def plot_comparison(
     curves: dict[str, tuple[list[int], list[float]]], path: Path, ylabel: str = "test accuracy"
 ) -> Path:
     """One accuracy-per-round curve per run, for `fedlit compare`."""
-    return _save(curves_figure(curves, ylabel, f"{ylabel} per round"), path)
+    return save_figure(curves_figure(curves, ylabel, f"{ylabel} per round"), path)
 
 
 def plot_accuracy_vs_comm(curves: dict[str, tuple[list[float], list[float]]], path: Path) -> Path:
@@ -220,4 +221,4 @@ def plot_accuracy_vs_comm(curves: dict[str, tuple[list[float], list[float]]], pa
     axes.grid(alpha=0.3)
     if 0 < len(curves) <= MAX_LEGEND_ENTRIES:
         axes.legend(fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
