@@ -34,6 +34,7 @@ from fedlit.clients import Stream, stream_seed, torch_generator
 from fedlit.config import LoggerConfig, TrainerConfig
 from fedlit.data.config import DataConfig
 from fedlit.data.datasets import DataBundle, Split, channel_stats
+from fedlit.data.device import batch_bounds
 from fedlit.data.partition import Partition, iid
 from fedlit.engine import Loaded, RunConfig, make_fabric, run_round, setup
 from fedlit.models import CNN, ResNet8
@@ -196,7 +197,8 @@ def measure(case: Case) -> dict | None:
         dist.destroy_process_group()
     if fabric.global_rank != 0:
         return None
-    steps = case.clients * case.local_epochs * -(-case.samples_per_client // case.batch_size)
+    batches = len(batch_bounds(case.samples_per_client, case.batch_size))
+    steps = case.clients * case.local_epochs * batches
     fed_s, plain_s = statistics.median(federated), statistics.median(plain)
     return {
         **asdict(case),

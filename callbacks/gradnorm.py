@@ -35,6 +35,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from torch import nn
 
+from fedlit.data.device import batch_bounds
 from fedlit.models.layers import Layer
 from fedlit.plots import save_figure
 
@@ -51,15 +52,9 @@ TOPICS = {"grad_norm": "gradnorm", "update_norm": "update_norm"}
 
 
 def steps_per_round(size: int, batch_size: int, epochs: int) -> int:
-    """Optimizer steps of a client with `size` samples, as DeviceData.train_batches makes them:
-    ceil(size / batch_size) batches per epoch, one fewer when the last one would hold a lone
-    sample (it joins the batch before it)."""
-    if size <= 0:
-        return 0
-    batches = -(-size // batch_size)
-    if batches > 1 and size - (batches - 1) * batch_size == 1:
-        batches -= 1
-    return batches * epochs
+    """Optimizer steps of a client with `size` samples: the batches DeviceData.train_batches
+    makes per epoch (a lone last sample joins the batch before it), times the epochs."""
+    return len(batch_bounds(size, batch_size)) * epochs
 
 
 class StepNorms:

@@ -93,14 +93,11 @@ class DeviceData:
         _check_batch_size(batch_size)
         indices = indices.to(self.device)
         n = len(indices)
-        starts = list(range(0, n, batch_size))
-        if len(starts) > 1 and n - starts[-1] == 1:
-            starts.pop()
-        ends = starts[1:] + [n]
+        bounds = batch_bounds(n, batch_size)
         for _ in range(epochs):
             order = torch.randperm(n, generator=generator, device=self.device)
             shuffled = indices[order]
-            for start, end in zip(starts, ends, strict=True):
+            for start, end in bounds:
                 batch = shuffled[start:end]
                 x = self._x["train"][batch]
                 if self.is_image:
@@ -172,6 +169,16 @@ class DeviceData:
 
     def _normalize(self, x: Tensor) -> Tensor:
         return torch.addcmul(self._shift, x.float(), self._scale)
+
+
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """[start, end) of each batch of an epoch over `n` samples: the last partial batch is kept,
+    except that a lone last sample joins the batch before it (BatchNorm cannot train on one)."""
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    ends = starts[1:] + [n] if starts else []
+    return list(zip(starts, ends, strict=True))
 
 
 def _check_batch_size(batch_size: int) -> None:
