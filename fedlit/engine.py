@@ -78,6 +78,8 @@ from fedlit.resume import (
     restore,
 )
 from fedlit.schedule import (
+    layer_selectors,
+    layers_of_round,
     planned_layers,
     schedule_table,
     segments,
@@ -102,15 +104,6 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     config_yaml: str = ""
     resume: dict[str, Any] | None = None  # a checkpoint loaded by fedlit.resume.load_for_resume
-
-
-def ask_callbacks(callbacks: list[Any], query: str, value: Any, **kwargs: Any) -> Any:
-    """Pass `value` through every callback that implements `query` (None means unchanged)."""
-    for callback in callbacks:
-        answer = call_optional(callback, query, **kwargs)
-        if answer is not None:
-            value = answer
-    return value
 
 
 def launch_settings(trainer: TrainerConfig) -> tuple[int, int]:
@@ -158,7 +151,7 @@ def check_before_launch(run: RunConfig) -> None:
             f"{run.data.num_clients} ranks"
         )
     if selects_layers(run.callbacks) and not getattr(run.algorithm, "partial_rounds", True):
-        selecting = [type(c).__name__ for c in run.callbacks if hasattr(c, "select_layers")]
+        selecting = [type(c).__name__ for c in layer_selectors(run.callbacks)]
         raise ValueError(
             f"{type(run.algorithm).__name__} cannot train only some layers per round, but "
             f"callbacks {selecting} select layers; remove them or use an averaging algorithm "
@@ -329,10 +322,8 @@ def plan_round(fed: Federation, round_idx: int) -> RoundPlan:
     clients = sample_clients(run.seed, round_idx, run.data.num_clients, fed.per_round)
     fed.fabric.call("on_round_start", round=round_idx, clients=clients)
     all_layers = [layer.name for layer in fed.layers]
-    active = ask_callbacks(
-        run.callbacks, "select_layers", all_layers, round=round_idx, layers=all_layers
-    )
-    params, float_buffers = fed.tensor_names(list(active))
+    active = layers_of_round(run.callbacks, all_layers, round_idx)
+    params, float_buffers = fed.tensor_names(active)
     sent = params + float_buffers if run.algorithm.buffers == "average" else params
     if run.algorithm.buffers == "local":
         # Clients keep their BN statistics and never send them, so they are not communication;
@@ -344,7 +335,7 @@ def plan_round(fed: Federation, round_idx: int) -> RoundPlan:
     return RoundPlan(
         clients=clients,
         mine=owned_clients(clients, fed.rank, fed.world_size),
-        active=list(active),
+        active=active,
         trainable=set(params),
         reduced=params + float_buffers,
         sent_bytes=FlatLayout.of(fed.global_model, sent).nbytes(),

@@ -31,21 +31,29 @@ class Segment:
     layers: tuple[str, ...]
 
 
+def layer_selectors(callbacks: list[Any]) -> list[Any]:
+    """The callbacks that answer `select_layers`."""
+    return [c for c in callbacks if callable(getattr(c, "select_layers", None))]
+
+
 def selects_layers(callbacks: list[Any]) -> bool:
-    return any(callable(getattr(callback, "select_layers", None)) for callback in callbacks)
+    return bool(layer_selectors(callbacks))
+
+
+def layers_of_round(callbacks: list[Any], layer_names: list[str], round_idx: int) -> list[str]:
+    """The engine's question before a round: every callback may narrow the layers trained and
+    communicated (None leaves the answer so far); the last answer wins."""
+    active = list(layer_names)
+    for callback in callbacks:
+        answer = call_optional(callback, "select_layers", round=round_idx, layers=layer_names)
+        if answer is not None:
+            active = list(answer)
+    return active
 
 
 def planned_layers(callbacks: list[Any], layer_names: list[str], rounds: int) -> list[list[str]]:
     """The layers of rounds 1..rounds, asked exactly as the engine asks before each round."""
-    plan = []
-    for round_idx in range(1, rounds + 1):
-        active = list(layer_names)
-        for callback in callbacks:
-            answer = call_optional(callback, "select_layers", round=round_idx, layers=layer_names)
-            if answer is not None:
-                active = list(answer)
-        plan.append(active)
-    return plan
+    return [layers_of_round(callbacks, layer_names, r) for r in range(1, rounds + 1)]
 
 
 def segments(plan: list[list[str]]) -> list[Segment]:
