@@ -40,6 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fedlit.algorithms.base import call_optional
 from fedlit.comm import FlatLayout
+from fedlit.local import freeze_inactive
 from fedlit.models.layers import Layer
 
 if TYPE_CHECKING:
@@ -84,13 +85,6 @@ def meta_copy(model: nn.Module) -> nn.Module:
             if hooks is not None:
                 memo[id(hooks)] = type(hooks)()
     return copy.deepcopy(model, memo)
-
-
-def set_trainable(model: nn.Module, trainable: Iterable[str]) -> None:
-    """requires_grad as the engine sets it for a round (`freeze_inactive`)."""
-    names = set(trainable)
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in names)
 
 
 def meta_batch(input_shape: Sequence[int], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,7 +191,7 @@ class StepFlops:
         """Forward + backward FLOPs per sample with `trainable` parameters trainable."""
         key = frozenset(trainable)
         if key not in self._steps:
-            set_trainable(self.model, key)
+            freeze_inactive(self.model, key)
             total = counted_flops(lambda: training_step(self.model, self.input_shape, self.batch))
             self._steps[key] = total // self.batch
         return self._steps[key]
@@ -214,7 +208,7 @@ class StepFlops:
 
     def analytic_step(self, trainable: Iterable[str]) -> int:
         """The same as `step`, from the analytic formulas (for tests and docs)."""
-        set_trainable(self.model, trainable)
+        freeze_inactive(self.model, frozenset(trainable))
         forward, backward = analytic_flops(
             self.model, lambda: training_step(self.model, self.input_shape, self.batch)
         )

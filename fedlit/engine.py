@@ -67,7 +67,7 @@ from fedlit.data.device import DeviceData
 from fedlit.data.partition import Partition, make_partition
 from fedlit.data.report import plot_label_heatmap
 from fedlit.evaluation import SpreadOverClients, client_accuracy, evaluate_global
-from fedlit.local import train_client
+from fedlit.local import freeze_inactive, train_client
 from fedlit.loggers import ConsoleReport, RunFiles, human_bytes, method_label
 from fedlit.models.layers import Layer, check_layer_map
 from fedlit.plots import plot_client_accuracy, plot_communication, plot_curves, plot_layer_metrics
@@ -342,18 +342,6 @@ def plan_round(fed: Federation, round_idx: int) -> RoundPlan:
         down_bytes=fed.costs.download_bytes(clients),
         evaluate=round_idx % run.trainer.eval_every == 0 or round_idx == run.trainer.rounds,
     )
-
-
-def freeze_inactive(model: nn.Module, trainable: set[str]) -> None:
-    """Parameters outside this round's layers get requires_grad=False: autograd then computes no
-    weight gradient for them and backward stops below the lowest trainable layer.
-
-    Gradients left on the reused working model by the previous client are dropped: a frozen
-    parameter must not carry another client's gradient into callbacks that read `.grad`.
-    """
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in trainable)
-        param.grad = None
 
 
 def seed_device_generator(device: torch.device, seed: int) -> None:

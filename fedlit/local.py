@@ -6,13 +6,25 @@ for all of them, so a new regulariser is a new loss, not a new loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
 
 from fedlit.algorithms.base import Algorithm
+
+
+def freeze_inactive(model: nn.Module, trainable: Collection[str]) -> None:
+    """Parameters outside this round's layers get requires_grad=False: autograd then computes no
+    weight gradient for them and backward stops below the lowest trainable layer.
+
+    Gradients left on the reused working model by the previous client are dropped: a frozen
+    parameter must not carry another client's gradient into callbacks that read `.grad`.
+    """
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable)
+        param.grad = None
 
 
 def train_client(
