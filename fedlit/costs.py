@@ -234,6 +234,13 @@ class CommLedger:
     def model_bytes(self) -> int:
         return sum(self.layer_bytes)
 
+    def bytes_of(self, layers: Iterable[str]) -> int:
+        """What one client sends or receives of `layers`."""
+        chosen = set(layers)
+        return sum(
+            b for n, b in zip(self.layer_names, self.layer_bytes, strict=True) if n in chosen
+        )
+
     def download_bytes(self, client: int) -> int:
         """What `client` must download to hold the current global model."""
         have = self.holds[client]
@@ -263,8 +270,8 @@ class CommLedger:
 
 
 def layer_sent_bytes(model: nn.Module, layers: Sequence[Layer], buffers_policy: str) -> list[int]:
-    """Bytes of what a client receives of each layer: its parameters, plus its floating-point
-    buffers when the algorithm averages BatchNorm statistics (as `plan_round` counts uploads)."""
+    """Bytes of what a client sends and receives of each layer: its parameters, plus its
+    floating-point buffers when the algorithm averages BatchNorm statistics."""
     buffers = dict(model.named_buffers())
     sizes = []
     for layer in layers:

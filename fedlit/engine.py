@@ -57,7 +57,7 @@ from fedlit.clients import (
     stream_seed,
     torch_generator,
 )
-from fedlit.comm import Communicator, FlatLayout, copy_into, named_tensors
+from fedlit.comm import Communicator, copy_into, named_tensors
 from fedlit.config import LoggerConfig, TrainerConfig
 from fedlit.costs import CostTracker
 from fedlit.dashboard import Dashboard, NoDashboard, open_dashboard
@@ -324,7 +324,6 @@ def plan_round(fed: Federation, round_idx: int) -> RoundPlan:
     all_layers = [layer.name for layer in fed.layers]
     active = layers_of_round(run.callbacks, all_layers, round_idx)
     params, float_buffers = fed.tensor_names(active)
-    sent = params + float_buffers if run.algorithm.buffers == "average" else params
     if run.algorithm.buffers == "local":
         # Clients keep their BN statistics and never send them, so they are not communication;
         # the global model still needs statistics to be evaluated. Every layer's statistics moved
@@ -338,7 +337,7 @@ def plan_round(fed: Federation, round_idx: int) -> RoundPlan:
         active=active,
         trainable=set(params),
         reduced=params + float_buffers,
-        sent_bytes=FlatLayout.of(fed.global_model, sent).nbytes(),
+        sent_bytes=fed.costs.ledger.bytes_of(active),
         down_bytes=fed.costs.download_bytes(clients),
         evaluate=round_idx % run.trainer.eval_every == 0 or round_idx == run.trainer.rounds,
     )
@@ -725,13 +724,8 @@ def show_schedule(fed: Federation, report: ConsoleReport, files: RunFiles | None
     plan = planned_layers(run.callbacks, names, run.trainer.rounds)
     write_schedule(plan, run.run_dir / "schedule.json")
 
-    layer_bytes = dict(zip(names, fed.costs.ledger.layer_bytes, strict=True))
-
-    def sent_bytes(layer_names: list[str]) -> int:
-        return sum(layer_bytes[name] for name in layer_names)
-
     if report.enabled:
-        report.print(schedule_table(segments(plan), names, sent_bytes))
+        report.print(schedule_table(segments(plan), names, fed.costs.ledger.bytes_of))
 
 
 def train(fed: Federation) -> dict[str, Any] | None:
