@@ -323,18 +323,29 @@ class CostTracker:
         """What the round's sampled clients download before training (for the plan)."""
         return sum(self.ledger.download_bytes(c) for c in clients)
 
-    def client_flops(self, client: int, step_per_sample: int) -> int:
-        """A client's local-training FLOPs this round, with the algorithm's frozen passes."""
+    def frozen_flops(self, client: int) -> int:
+        """FLOPs per sample of the algorithm's frozen forward passes for `client` this round
+        (MOON's global and previous models); the same whatever the client trains."""
         extra = call_optional(self.algorithm, "frozen_forwards", taken_part=self.taken_part[client])
-        per_sample = step_per_sample + (extra * self.flops.features() if extra else 0)
-        return per_sample * self.client_samples[client]
+        return extra * self.flops.features() if extra else 0
+
+    def ratios(self) -> tuple[float, float]:
+        """(bytes, FLOPs) so far, each over what full-network training would have cost."""
+        totals = self.totals
+        return (
+            totals["bytes"] / max(totals["full_bytes"], 1),
+            totals["flops"] / max(totals["full_flops"], 1),
+        )
 
     def record(self, round_idx: int, plan: RoundPlan, step: StepResult) -> dict[str, int | float]:
         """Account for a finished round; returns its `comm/...` and `cost/...` metrics."""
         actual, full = self.flops.step(plan.trainable), self.flops.full_step()
-        flops = sum(self.client_flops(c, actual) for c in plan.clients)
-        full_flops = sum(self.client_flops(c, full) for c in plan.clients)
-        round_bytes = step.up_bytes + step.down_bytes
+        flops = full_flops = 0
+        for client in plan.clients:
+            samples, frozen = self.client_samples[client], self.frozen_flops(client)
+            flops += (actual + frozen) * samples
+            full_flops += (full + frozen) * samples
+        round_bytes = step.round_bytes
         totals = self.totals
         totals["bytes"] += round_bytes
         totals["full_bytes"] += 2 * len(plan.clients) * self.ledger.model_bytes
@@ -344,28 +355,30 @@ class CostTracker:
             self.taken_part[client] += 1
         self.ledger.sync(plan.clients, round_idx)
         self.ledger.mark_changed(plan.active, round_idx)
+        comm_ratio, flops_ratio = self.ratios()
         return {
             "comm/up_bytes": step.up_bytes,
             "comm/down_bytes": step.down_bytes,
             "comm/round_bytes": round_bytes,
             "comm/bytes": totals["bytes"],
             "comm/full_bytes": totals["full_bytes"],
-            "comm/ratio": totals["bytes"] / max(totals["full_bytes"], 1),
+            "comm/ratio": comm_ratio,
             "cost/flops": flops,
             "cost/flops_total": totals["flops"],
             "cost/full_flops_total": totals["full_flops"],
-            "cost/flops_ratio": totals["flops"] / max(totals["full_flops"], 1),
+            "cost/flops_ratio": flops_ratio,
         }
 
     def summary(self) -> dict[str, int | float]:
         totals = self.totals
+        comm_ratio, flops_ratio = self.ratios()
         return {
             "comm_bytes": totals["bytes"],
             "comm_gb": totals["bytes"] / GB,
-            "comm_ratio": totals["bytes"] / max(totals["full_bytes"], 1),
+            "comm_ratio": comm_ratio,
             "train_flops": totals["flops"],
             "train_tflops": totals["flops"] / TFLOP,
-            "flops_ratio": totals["flops"] / max(totals["full_flops"], 1),
+            "flops_ratio": flops_ratio,
         }
 
     def state_dict(self) -> dict[str, Any]:
