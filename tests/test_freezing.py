@@ -18,20 +18,8 @@ from fedlit.engine import fit, prepare, run_round
 from fedlit.models import CNN, ResNet8
 from fedlit.schedule import planned_layers, schedule_table, segments
 from tests.runs import start, tiny_run
+from tests.test_models import RESNET8_LAYERS
 
-# ../shared/specs/fedpart.md: ResNet-8's 10 layers, shallow to deep
-RESNET8_LAYERS = [
-    "stem",
-    "s1.conv1",
-    "s1.conv2",
-    "s2.conv1",
-    "s2.conv2",
-    "s2.downsample",
-    "s3.conv1",
-    "s3.conv2",
-    "s3.downsample",
-    "fc",
-]
 FULL = None
 
 
@@ -45,10 +33,6 @@ def spec_cycle() -> list[str | None]:
 
 def schedule_of(schedule: FedPartSchedule, names: list[str], rounds: int) -> list[str | None]:
     return [schedule.layer_at(r, names) for r in range(1, rounds + 1)]
-
-
-def test_resnet8_layer_map_is_the_specs():
-    assert [layer.name for layer in ResNet8(10).layer_map()] == RESNET8_LAYERS
 
 
 def test_resnet8_schedule_matches_the_spec_round_by_round():

@@ -134,20 +134,24 @@ def test_layer_map_is_in_forward_order(case: str) -> None:
     assert layer_execution_order(model, layers, batch(case)) == list(range(len(layers)))
 
 
+# ../shared/specs/fedpart.md: ResNet-8's 10 layers, shallow to deep (FedPart's schedule order)
+RESNET8_LAYERS = [
+    "stem",
+    "s1.conv1",
+    "s1.conv2",
+    "s2.conv1",
+    "s2.conv2",
+    "s2.downsample",
+    "s3.conv1",
+    "s3.conv2",
+    "s3.downsample",
+    "fc",
+]
+
+
 def test_resnet8_layers_are_fedparts_ten() -> None:
     layers = build("resnet8-3x32").layer_map()
-    assert [layer.name for layer in layers] == [
-        "stem",
-        "s1.conv1",
-        "s1.conv2",
-        "s2.conv1",
-        "s2.conv2",
-        "s2.downsample",
-        "s3.conv1",
-        "s3.conv2",
-        "s3.downsample",
-        "fc",
-    ]
+    assert [layer.name for layer in layers] == RESNET8_LAYERS
     by_name = {layer.name: layer for layer in layers}
     assert by_name["s1.conv1"] == Layer(
         "s1.conv1",
