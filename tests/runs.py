@@ -80,3 +80,24 @@ def join_as_torchrun_rank(rank: int, port: int, world_size: int = 2) -> None:
         LOCAL_WORLD_SIZE=str(world_size),
         OMP_NUM_THREADS="1",
     )
+
+
+class OnlyLayer:
+    """A callback that trains and communicates one layer every round (what FedPart's schedule
+    does in a single-layer round)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def select_layers(self) -> list[str]:
+        return [self.name]
+
+
+class GradRecorder:
+    """Records which parameters had a gradient after each client's local training."""
+
+    def __init__(self) -> None:
+        self.with_grad: list[set[str]] = []
+
+    def on_client_end(self, model: torch.nn.Module) -> None:
+        self.with_grad.append({n for n, p in model.named_parameters() if p.grad is not None})

@@ -12,7 +12,7 @@ from fedlit.data.config import DataConfig
 from fedlit.engine import fit, prepare, run_round
 from fedlit.loggers import read_metrics
 from fedlit.models import CNN, ResNet8
-from runs import tiny_run
+from runs import GradRecorder, OnlyLayer, tiny_run
 
 REQUIRED_METRICS = {"round", "test/acc", "test/loss", "comm/bytes", "train/loss"}
 
@@ -144,16 +144,6 @@ def test_hooks_run_in_order_with_only_the_arguments_they_name(tmp_path):
     assert [c for c in calls if c[0] == "evaluate_end"] == [("evaluate_end", True)]
 
 
-class OnlyLayer:
-    """Asks the engine to train and communicate a single layer."""
-
-    def __init__(self, name):
-        self.name = name
-
-    def select_layers(self, layers):
-        return [self.name]
-
-
 def test_select_layers_limits_what_is_aggregated_and_counted(tmp_path):
     fed = prepare(make_run(tmp_path, rounds=1, callbacks=[OnlyLayer("fc3")]))
     before = {k: v.clone() for k, v in fed.global_model.state_dict().items()}
@@ -167,16 +157,6 @@ def test_select_layers_limits_what_is_aggregated_and_counted(tmp_path):
     assert metrics["comm/up_bytes"] == 6 * fc3_bytes
     assert metrics["comm/down_bytes"] == 6 * model_bytes
     assert metrics["comm/round_bytes"] == 6 * (fc3_bytes + model_bytes)
-
-
-class GradRecorder:
-    """Records which parameters had a gradient after each client's local training."""
-
-    def __init__(self):
-        self.with_grad = []
-
-    def on_client_end(self, model):
-        self.with_grad.append({n for n, p in model.named_parameters() if p.grad is not None})
 
 
 def test_layers_outside_the_selection_are_frozen_during_local_training(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 from rich.console import Console
+from test_models import RESNET8_LAYERS
 
 from callbacks.freezing import FedPartSchedule
 from fedlit.algorithms import MOON, FedAvg, FedMR, FedProx
@@ -17,8 +18,7 @@ from fedlit.data.config import DataConfig
 from fedlit.engine import fit, prepare, run_round
 from fedlit.models import CNN, ResNet8
 from fedlit.schedule import planned_layers, schedule_table, segments
-from tests.runs import start, tiny_run
-from tests.test_models import RESNET8_LAYERS
+from runs import GradRecorder, start, tiny_run
 
 FULL = None
 
@@ -199,14 +199,6 @@ def bn_run(tmp_path, algorithm, schedule, rounds=3):
     )
     run.config_yaml = "seed: 0\n"
     return run
-
-
-class GradRecorder:
-    def __init__(self):
-        self.with_grad = []
-
-    def on_client_end(self, model):
-        self.with_grad.append({n for n, p in model.named_parameters() if p.grad is not None})
 
 
 @pytest.mark.parametrize("buffers", ["local", "average"])

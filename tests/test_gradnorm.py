@@ -24,7 +24,7 @@ from fedlit.data.datasets import load_dataset
 from fedlit.data.device import DeviceData
 from fedlit.engine import fit, run_round
 from fedlit.models import CNN
-from runs import free_port, join_as_torchrun_rank, start, tiny_run
+from runs import OnlyLayer, free_port, join_as_torchrun_rank, start, tiny_run
 
 SMALL_CNN = partial(CNN, padding=2, channels=(4, 8), hidden=(16, 12))
 LAYERS = ["conv1", "conv2", "fc1", "fc2", "fc3"]
@@ -182,16 +182,6 @@ def test_curves_are_the_mean_over_clients_of_each_step(tmp_path):
         assert metrics[1][f"layer/{layer}/step_update_norm"] == pytest.approx(
             curves.update_norm[1, i].mean()
         )
-
-
-class OnlyLayer:
-    """Trains and communicates one layer per round (what FedPart's schedule does)."""
-
-    def __init__(self, layer):
-        self.layer = layer
-
-    def select_layers(self):
-        return [self.layer]
 
 
 def test_frozen_layers_have_no_values_and_the_total_covers_the_trained_layer(tmp_path):

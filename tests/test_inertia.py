@@ -16,7 +16,7 @@ from callbacks.inertia import (
 from fedlit.engine import fit, run_round
 from fedlit.loggers import read_metrics
 from fedlit.models import CNN, VGG11, ResNet8
-from runs import start, tiny_run
+from runs import OnlyLayer, start, tiny_run
 
 TINY_VGG = partial(VGG11, cfg=(4, "M", 8, "M", 8, "M"))
 
@@ -147,14 +147,6 @@ def test_reference_round_zero_is_the_initial_model(tmp_path):
     w0, w1 = (vector(snapshots.models[r], ["fc.weight"]) for r in (0, 1))
     assert metrics["layer/fc/l2_to_ref"] == pytest.approx((w1 - w0).norm().item())
     assert metrics["layer/fc/l2_to_ref"] > 0
-
-
-class OnlyLayer:
-    def __init__(self, name):
-        self.name = name
-
-    def select_layers(self):
-        return [self.name]
 
 
 def test_every_and_frozen_layers(tmp_path):

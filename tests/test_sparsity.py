@@ -20,7 +20,7 @@ from fedlit.cli import main
 from fedlit.engine import fit, run_round
 from fedlit.loggers import read_metrics
 from fedlit.models import CNN, VGG11, ResNet8
-from runs import start, tiny_run
+from runs import OnlyLayer, start, tiny_run
 
 TINY_VGG = partial(VGG11, cfg=(4, "M", 8, "M", 8, "M"))
 ELIGIBLE = {"body.conv2.weight": "conv2", "body.conv3.weight": "conv3"}
@@ -165,14 +165,6 @@ def test_random_scores_are_per_client_and_reproducible(tmp_path):
     assert all(torch.equal(first[c], second[c]) for c in range(4))
     assert not torch.equal(first[0], first[1])
     assert all(int(m.sum()) == 288 for m in first.values())
-
-
-class OnlyLayer:
-    def __init__(self, name):
-        self.name = name
-
-    def select_layers(self):
-        return [self.name]
 
 
 def test_frozen_layers_are_left_dense(tmp_path):
