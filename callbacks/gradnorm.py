@@ -37,7 +37,7 @@ from torch import nn
 
 from fedlit.data.device import batch_bounds
 from fedlit.models.layers import Layer
-from fedlit.plots import save_figure
+from fedlit.plots import MAX_LEGEND_ENTRIES, save_figure
 
 if TYPE_CHECKING:
     from fedlit.engine import Federation
@@ -535,7 +535,7 @@ def plot_gradnorm_layers(curves: GradNormCurves, path: Path) -> Path | None:
         _log_if_positive(axes, drawn)
         axes.set_ylabel(ylabel)
         axes.grid(alpha=0.3)
-        if len(layers) <= 24:
+        if len(layers) <= MAX_LEGEND_ENTRIES:
             axes.legend(fontsize=7, loc="upper right", ncol=2)
     panels[-1].set_xlabel("local step (recorded rounds end to end; mean over clients)")
     return save_figure(figure, path)
