@@ -3,7 +3,7 @@
 UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all bench lint format bootstrap
+.PHONY: demo test test-all bench results lint format bootstrap
 
 bootstrap:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -23,6 +23,15 @@ test-all: bootstrap
 BENCH_ARGS ?=
 bench: bootstrap
 	$(UV) run python -m benchmarks.run_all $(BENCH_ARGS)
+
+# The runs and figures of docs/results.md (benchmarks/reproduce.py): PAPER is fedpart, fedmr,
+# lips, probes or all; JOBS rows run at once, one CPU thread each. Finished rows are kept,
+# interrupted ones resume; RESULTS_ARGS=--figures_only redraws without running.
+PAPER ?= all
+JOBS ?= 2
+RESULTS_ARGS ?=
+results: bootstrap
+	$(UV) run python -m benchmarks.reproduce $(PAPER) --jobs $(JOBS) $(RESULTS_ARGS)
 
 lint: bootstrap
 	$(UV) run ruff check fedlit callbacks tests benchmarks

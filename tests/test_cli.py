@@ -8,7 +8,7 @@ import yaml
 from fedlit.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
 def fail_message(capsys, argv: list[str]) -> str:
