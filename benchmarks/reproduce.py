@@ -110,16 +110,16 @@ def run_rows(rows: Sequence[Row], jobs: int) -> None:
 # ---- shared readers -------------------------------------------------------------------------
 
 
+def complete(rows: Sequence[Row]) -> list[Row]:
+    """The rows whose run holds all its rounds: a table never mixes in a run still going."""
+    return [row for row in rows if row.finished_rounds() >= row.wanted_rounds()]
+
+
 def available(rows: Sequence[Row], upto: int | None = None) -> list[tuple[Row, RunResult]]:
-    """The rows whose run holds at least `upto` rounds (or any round), read as if stopped
-    there."""
-    out = []
-    for row in rows:
-        have = row.finished_rounds()
-        if have == 0 or (upto is not None and have < upto):
-            continue
-        out.append((row, load_run(row.run_dir, row.run_dir.name, upto=upto)))
-    return out
+    """The rows whose run holds at least `upto` rounds (without `upto`: all its rounds), read
+    as if stopped there."""
+    enough = complete(rows) if upto is None else [r for r in rows if r.finished_rounds() >= upto]
+    return [(row, load_run(row.run_dir, row.run_dir.name, upto=upto)) for row in enough]
 
 
 def mean_pm(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -217,13 +217,15 @@ def fedpart_report(rows: list[Row]) -> str:
             if not full and not part:
                 continue
             paired = sorted({r.seed for r, _ in full} & {r.seed for r, _ in part})
-            gap = [
-                p.best_acc - f.best_acc
+            pairs = [
+                (rf, f, p)
                 for s in paired
                 for (rf, f) in full
                 for (rp, p) in part
                 if rf.seed == s and rp.seed == s
             ]
+            gap = [p.best_acc - f.best_acc for _, f, p in pairs]
+            same_bytes = [best_within_bytes(rf, p.comm_bytes) for rf, _, p in pairs]
             lines.append(
                 [
                     name,
@@ -232,6 +234,7 @@ def fedpart_report(rows: list[Row]) -> str:
                     mean_pm([r.best_acc for _, r in full]),
                     mean_pm([r.best_acc for _, r in part]),
                     mean_pm(gap),
+                    mean_pm([b for b in same_bytes if b is not None]),
                     mean_pm([r.comm_ratio for _, r in part if r.comm_ratio], 1.0, 3),
                     mean_pm([r.flops_ratio for _, r in part if r.flops_ratio], 1.0, 3),
                     ", ".join(str(s) for s in paired) or "-",
@@ -239,7 +242,7 @@ def fedpart_report(rows: list[Row]) -> str:
             )
     header = [
         "method", "C", "paper (full → FedPart)", "ours full", "ours FedPart",
-        "FedPart − full", "comm ratio", "FLOPs ratio", "seeds",
+        "FedPart − full", "full at FedPart's bytes", "comm ratio", "FLOPs ratio", "seeds",
     ]  # fmt: skip
     panels = [
         (
@@ -260,7 +263,61 @@ def fedpart_report(rows: list[Row]) -> str:
         plot_gradnorm_comparison(
             [r.run_dir for r in pair], labels, FIGURES / "fedpart_gradnorm.png"
         )
+    return markdown(header, lines) + "\n" + fedpart_spike_table(rows)
+
+
+FEDPART_WARMUP = 5  # full rounds at the start of every cycle
+
+
+def spike_blocks(rounds: int) -> list[tuple[str, int, int]]:
+    """(name, first, last round) of the blocks of FedPart's schedule: each cycle's full rounds
+    (but the first cycle's, which precede any partial round) and its partial rounds."""
+    blocks = []
+    for cycle in range(1, rounds // FEDPART_CYCLE + 1):
+        start = (cycle - 1) * FEDPART_CYCLE + 1
+        if cycle > 1:
+            blocks.append((f"C{cycle} full", start, start + FEDPART_WARMUP - 1))
+        blocks.append((f"C{cycle} partial", start + FEDPART_WARMUP, cycle * FEDPART_CYCLE))
+    return blocks
+
+
+def fedpart_spike_table(rows: list[Row]) -> str:
+    """The gradient-norm spike after aggregation (first local step over the round's median
+    step, mean over clients, `callbacks.gradnorm`), averaged over each block of rounds, FedAvg
+    against FedAvg + FedPart: the paper's Figure 1 as numbers."""
+    from callbacks.gradnorm import FILENAME, GradNormCurves
+
+    spikes: dict[tuple[str, int], dict[int, float]] = {}
+    for row in rows:
+        file = row.run_dir / FILENAME
+        if "_fedavg_" in row.config and file.is_file():
+            curves = GradNormCurves.load(file)
+            variant = "full" if row.config.endswith("_full") else "fedpart"
+            spikes[variant, row.seed] = dict(
+                zip(curves.rounds, curves.spikes("grad_norm"), strict=True)
+            )
+    most = max((max(s, default=0) for s in spikes.values()), default=0)
+    lines = []
+    for name, first, last in spike_blocks(most):
+        cells = [name, f"{first}–{last}"]
+        for variant in ("full", "fedpart"):
+            means = [
+                statistics.fmean(s[r] for r in range(first, last + 1))
+                for (v, _), s in spikes.items()
+                if v == variant and all(r in s for r in range(first, last + 1))
+            ]
+            cells.append(mean_pm(means, 1.0, 2))
+        lines.append(cells)
+    header = ["block", "rounds", "spike, FedAvg", "spike, FedAvg + FedPart"]
     return markdown(header, lines)
+
+
+def best_within_bytes(row: Row, budget: int) -> float | None:
+    """A run's best test accuracy among the rounds by which it had moved at most `budget`
+    bytes: full-network training given FedPart's communication."""
+    sent, acc = load_run(row.run_dir, row.run_dir.name).comm_curve
+    within = [a for b, a in zip(sent, acc, strict=True) if b <= budget]
+    return max(within) if within else None
 
 
 def fedpart_comm_figure(rows: list[Row]) -> None:
@@ -292,7 +349,18 @@ def fedpart_comm_figure(rows: list[Row]) -> None:
 # ---- FedMR --------------------------------------------------------------------------------
 
 
+FEDMR_TAIL = 50  # rounds at the end averaged over: FedAvg's accuracy swings under label skew
+
+
+def tail_mean(result: RunResult, rounds: int) -> float:
+    """Mean test accuracy over the evaluations of the run's last `rounds` rounds."""
+    evaluated, accs = result.curve
+    last = evaluated[-1]
+    return statistics.fmean(a for r, a in zip(evaluated, accs, strict=True) if r > last - rounds)
+
+
 def fedmr_report(rows: list[Row]) -> str:
+    """Best, final and late-round mean accuracy per split and method; the curves per split."""
     lines = []
     panels = []
     for alpha in ("0.1", "0.5"):
@@ -311,6 +379,7 @@ def fedmr_report(rows: list[Row]) -> str:
                     name,
                     mean_pm([r.best_acc for _, r in found]),
                     mean_pm([r.final_acc for _, r in found]),
+                    mean_pm([tail_mean(r, FEDMR_TAIL) for _, r in found]),
                     str(max(r.rounds for _, r in found)),
                     ", ".join(str(row.seed) for row, _ in found),
                 ]
@@ -324,18 +393,40 @@ def fedmr_report(rows: list[Row]) -> str:
     curves_panels(
         panels, "test/acc", "test accuracy (global model)", FIGURES / "fedmr_accuracy.png"
     )
-    header = ["Dirichlet alpha", "method", "best acc", "final acc", "rounds", "seeds"]
+    header = [
+        "Dirichlet alpha", "method", "best acc", "final acc",
+        f"mean of the last {FEDMR_TAIL} rounds", "rounds", "seeds",
+    ]  # fmt: skip
     return markdown(header, lines)
 
 
 # ---- LIPS ---------------------------------------------------------------------------------
 
 
+MOVING = 0.01  # a layer "moves" in a round when it changes by at least 1 % of its norm
+
+
+def last_moving_round(run_dir: Path) -> int:
+    """The last measured round in which the median layer changed by at least MOVING of its
+    norm (`layer/<name>/rel_change` from callbacks.inertia), 0 for none: until when
+    aggregation kept adding something before the layers went inert."""
+    last = 0
+    for record in read_metrics(run_dir / "metrics.jsonl"):
+        changes = [
+            v for k, v in record.items() if k.startswith("layer/") and k.endswith("/rel_change")
+        ]
+        if changes and statistics.median(changes) >= MOVING:
+            last = int(record["round"])
+    return last
+
+
 def lips_report(rows: list[Row]) -> str:
+    """Personalised accuracy before and after aggregation, global accuracy, and how long the
+    layers keep moving; the personalised curves and the runs' inertia heat maps."""
     lines = []
     methods = (("fedavg", "FedAvg"), ("lips", "FedAvg + LIPS"))
     for method, name in methods:
-        found = [r for r in rows if r.config == f"lips_cifar10_{method}" and r.finished_rounds()]
+        found = complete([r for r in rows if r.config == f"lips_cifar10_{method}"])
         if not found:
             continue
         cells = [name]
@@ -343,11 +434,12 @@ def lips_report(rows: list[Row]) -> str:
             series = [metric_series(r.run_dir, key)[1] for r in found]
             cells.append(mean_pm([max(s) for s in series if s]))
             cells.append(mean_pm([s[-1] for s in series if s]))
+        cells.append(mean_pm([last_moving_round(r.run_dir) for r in found], 1.0, 0))
         cells.append(", ".join(str(r.seed) for r in found))
         lines.append(cells)
     header = [
         "method", "local model best", "local final", "received model best", "received final",
-        "global test best", "global final", "seeds",
+        "global test best", "global final", f"layers move ≥ {MOVING:.0%} per round until", "seeds",
     ]  # fmt: skip
     panels = [
         (
@@ -386,7 +478,7 @@ PROBE_COLUMNS = {
 def probes_report(rows: list[Row]) -> str:
     """Per layer, the relative change (received against local model) of the probe's metrics at
     the last probed round, then the accuracy of both models on the clients' own test data."""
-    found = [r for r in rows if r.finished_rounds()]
+    found = complete(rows)
     per_seed: list[dict[tuple[str, str], float]] = []
     layers: list[str] = []
     for row in found:
@@ -450,14 +542,15 @@ PAPERS: dict[str, Paper] = {
     ),
     "fedmr": Paper(
         rows=[
-            Row(f"fedmr_cifar10_{method}_dir{alpha}", 0)
-            for alpha in ("0.1", "0.5")
+            Row(f"fedmr_cifar10_{method}_dir{alpha}", seed)
+            for alpha, seeds_ in (("0.1", (0, 1)), ("0.5", (0,)))
+            for seed in seeds_
             for method in ("fedavg", "fedmr")
         ],
         report=fedmr_report,
     ),
     "lips": Paper(
-        rows=[Row(f"lips_cifar10_{m}", seed) for seed in (0, 1) for m in ("fedavg", "lips")],
+        rows=[Row("lips_cifar10_fedavg", 0), Row("lips_cifar10_lips", 0)],
         report=lips_report,
     ),
     "probes": Paper(rows=seeds("cfd_cifar10_fedavg", (0, 1)), report=probes_report),

@@ -106,7 +106,7 @@ def write_fedpart_run(run_dir, accs, comm_ratio, flops_ratio):
     files = RunFiles(run_dir)
     files.write_config("algorithm:\n  class_path: fedlit.algorithms.FedAvg\n")
     for r, acc in enumerate(accs, start=1):
-        record = {"round": r, "test/acc": acc, "comm/bytes": r * 10**8}
+        record = {"round": r, "test/acc": acc, "comm/bytes": int(r * comm_ratio * 10**8)}
         record.update({"comm/ratio": comm_ratio, "cost/flops_ratio": flops_ratio})
         files.append_metrics(record)
 
@@ -119,26 +119,27 @@ def test_fedpart_table_pairs_seeds_and_reads_each_cycle(results_dirs):
         Row("fedpart_cifar10_fedavg_full", 1, rounds=cycle),
         Row("fedpart_cifar10_fedavg_fedpart", 1, rounds=cycle),
     ]
-    # seed 0 ran two cycles, seed 1 one; accuracy rises by 0.1 per cycle
+    # seed 0 ran two cycles, seed 1 one; accuracy rises by 0.1 per cycle. FedPart's 50 rounds
+    # move what full training moves in 15, before its accuracy rose: 50.0 at FedPart's bytes
     ramp = [0.5] * cycle + [0.6] * cycle
     write_fedpart_run(rows[0].run_dir, ramp, 1.0, 1.0)
     write_fedpart_run(rows[1].run_dir, [a + 0.02 for a in ramp], 0.3, 0.6)
     write_fedpart_run(rows[2].run_dir, [0.4] * cycle, 1.0, 1.0)
     write_fedpart_run(rows[3].run_dir, [0.38] * cycle, 0.3, 0.6)
-    table = reproduce.fedpart_report(rows)
+    table = reproduce.fedpart_report(rows).split("\n\n")[0]
     lines = [line.split(" | ") for line in table.splitlines()[2:]]
     cells = [[c.strip("| ") for c in line] for line in lines]
     assert cells == [
-        ["FedAvg", "1", "56.0 → 57.7", "45.0 ± 5.0", "45.0 ± 7.0", "0.0 ± 2.0", "0.300 ± 0.000",
-         "0.600 ± 0.000", "0, 1"],
-        ["FedAvg", "2", "58.6 → 60.2", "60.0", "62.0", "2.0", "0.300", "0.600", "0"],
+        ["FedAvg", "1", "56.0 → 57.7", "45.0 ± 5.0", "45.0 ± 7.0", "0.0 ± 2.0", "45.0 ± 5.0",
+         "0.300 ± 0.000", "0.600 ± 0.000", "0, 1"],
+        ["FedAvg", "2", "58.6 → 60.2", "60.0", "62.0", "2.0", "50.0", "0.300", "0.600", "0"],
     ]  # fmt: skip
     for name in ("fedpart_accuracy.png", "fedpart_vs_comm.png"):
         assert (results_dirs / "figures" / name).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_probes_table_reads_the_last_probed_round_per_layer(results_dirs):
-    rows = [Row("cfd_cifar10_fedavg", 0), Row("cfd_cifar10_fedavg", 1)]
+    rows = [Row("cfd_cifar10_fedavg", 0, rounds=10), Row("cfd_cifar10_fedavg", 1, rounds=10)]
     for seed, row in enumerate(rows):
         files = RunFiles(row.run_dir)
         files.write_config("algorithm:\n  class_path: fedlit.algorithms.FedAvg\n")
@@ -163,3 +164,45 @@ def test_probes_table_reads_the_last_probed_round_per_layer(results_dirs):
     ]
     assert table[5] == "| model (last round, seeds 0, 1) | accuracy on the clients' local test |"
     assert table[7:] == ["| local model | 80.0 ± 0.0 |", "| received | 55.0 ± 5.0 |"]
+
+
+def test_spike_blocks_follow_the_fedpart_schedule():
+    assert reproduce.spike_blocks(75) == [
+        ("C1 partial", 6, 25),
+        ("C2 full", 26, 30),
+        ("C2 partial", 31, 50),
+        ("C3 full", 51, 55),
+        ("C3 partial", 56, 75),
+    ]
+    assert reproduce.spike_blocks(30) == [("C1 partial", 6, 25)]  # a cycle must be complete
+
+
+def test_fedmr_table_gives_best_final_and_the_mean_of_the_last_rounds(results_dirs):
+    rows = [Row(f"fedmr_cifar10_{m}_dir0.1", 0, rounds=80) for m in ("fedavg", "fedmr")]
+    rows.append(Row("fedmr_cifar10_fedavg_dir0.1", 1, rounds=80))  # still running: left out
+    curves = {0: [0.2, 0.6, 0.3, 0.4], 1: [0.2, 0.4, 0.5, 0.5]}  # evaluated every 20 rounds
+    curves[2] = [0.9]
+    for index, row in enumerate(rows):
+        files = RunFiles(row.run_dir)
+        files.write_config("algorithm:\n  class_path: fedlit.algorithms.FedAvg\n")
+        for k, acc in enumerate(curves[index], start=1):
+            files.append_metrics({"round": 20 * k, "test/acc": acc})
+    table = reproduce.fedmr_report(rows).splitlines()
+    assert table[0].startswith("| Dirichlet alpha | method | best acc | final acc | mean of the")
+    # the last 50 rounds of an 80-round run hold the evaluations at rounds 40, 60 and 80
+    assert table[2:] == [
+        "| 0.1 | FedAvg | 60.0 | 40.0 | 43.3 | 80 | 0 |",
+        "| 0.1 | FedMR | 50.0 | 50.0 | 46.7 | 80 | 0 |",
+    ]
+    assert (results_dirs / "figures" / "fedmr_accuracy.png").is_file()
+
+
+def test_last_moving_round_is_the_last_whose_median_layer_still_moves(tmp_path):
+    files = RunFiles(tmp_path)
+    changes = [(0.5, 0.02, 0.001), (0.011, 0.01, 0.5), (0.02, 0.009, 0.0)]
+    for r, (a, b, c) in enumerate(changes, start=1):
+        files.append_metrics(
+            {"round": r, "layer/a/rel_change": a, "layer/b/rel_change": b, "layer/c/rel_change": c}
+        )
+    files.append_metrics({"round": 4, "test/acc": 0.5})  # nothing measured: not counted
+    assert reproduce.last_moving_round(tmp_path) == 2  # medians 0.02, 0.011, 0.009
