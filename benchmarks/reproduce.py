@@ -12,7 +12,6 @@ at once, each on one CPU thread as its config says.
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 import statistics
 import subprocess
@@ -27,7 +26,7 @@ from matplotlib.figure import Figure
 
 from fedlit.compare import RunResult, load_run
 from fedlit.loggers import read_metrics
-from fedlit.plots import save_figure
+from fedlit.plots import plot_accuracy_vs_comm, save_figure, series
 
 CONFIGS = Path("configs/results")
 RUNS = Path("runs/results")
@@ -135,13 +134,8 @@ def mean_pm(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> s
 
 
 def metric_series(run_dir: Path, key: str) -> tuple[list[int], list[float]]:
-    rounds, values = [], []
-    for record in read_metrics(run_dir / "metrics.jsonl"):
-        value = record.get(key)
-        if isinstance(value, float) and math.isfinite(value):
-            rounds.append(int(record["round"]))
-            values.append(value)
-    return rounds, values
+    """(rounds, values) of `key` in a run's metrics.jsonl."""
+    return series(read_metrics(run_dir / "metrics.jsonl"), key)
 
 
 def markdown(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
@@ -322,28 +316,13 @@ def best_within_bytes(row: Row, budget: int) -> float | None:
 
 def fedpart_comm_figure(rows: list[Row]) -> None:
     """Test accuracy against cumulative communication, FedAvg against FedAvg + FedPart."""
-    figure = Figure(figsize=(7, 4.5), dpi=120)
-    axes = figure.subplots()
+    curves = {}
     for row in rows:
-        if "_fedavg_" not in row.config or row.finished_rounds() == 0:
-            continue
-        result = load_run(row.run_dir, row.run_dir.name)
-        sent, acc = result.comm_curve
-        label = "FedAvg" if row.config.endswith("_full") else "FedAvg + FedPart"
-        axes.plot(
-            [b / 1e9 for b in sent],
-            acc,
-            color="C0" if label == "FedAvg" else "C1",
-            linestyle="-" if row.seed == 0 else "--",
-            linewidth=1.0,
-            label=f"{label}, seed {row.seed}",
-        )
-    axes.set_xlabel("cumulative communication (GB, up + down)")
-    axes.set_ylabel("test accuracy")
-    axes.grid(alpha=0.3)
-    if axes.lines:
-        axes.legend(fontsize=8)
-    save_figure(figure, FIGURES / "fedpart_vs_comm.png")
+        if "_fedavg_" in row.config and row.finished_rounds():
+            method = "FedAvg" if row.config.endswith("_full") else "FedAvg + FedPart"
+            result = load_run(row.run_dir, row.run_dir.name)
+            curves[f"{method}, seed {row.seed}"] = result.comm_curve
+    plot_accuracy_vs_comm(curves, FIGURES / "fedpart_vs_comm.png")
 
 
 # ---- FedMR --------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ MIB = 1024 * 1024
 MAX_LEGEND_ENTRIES = 24
 
 
-def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
     """(rounds, values) of the records that have a number under `key`."""
     points = [(r["round"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
     if not points:
@@ -69,7 +69,7 @@ def plot_curves(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
         figure = Figure(figsize=(6, 4), dpi=120)
         axes = figure.subplots()
         for key, label in series:
-            xs, ys = _series(records, key)
+            xs, ys = series(records, key)
             if xs:
                 axes.plot(xs, ys, marker="o", markersize=3, label=label)
         _round_axes(axes, ylabel)
@@ -92,14 +92,14 @@ def client_accuracy_figure(
     accuracy. Right: the final global model's accuracy on every client's `split` data, sorted,
     against the global test accuracy: a good mean can hide clients the model fails.
     """
-    spread = [k for k in ("personal/acc_global", "personal/acc_local") if _series(records, k)[0]]
+    spread = [k for k in ("personal/acc_global", "personal/acc_local") if series(records, k)[0]]
     figure = Figure(figsize=(11 if spread else 6, 4), dpi=120)
     axes = figure.subplots(1, 2 if spread else 1, squeeze=False)[0]
     if spread:
         labels = {"personal/acc_global": "global model", "personal/acc_local": "local model"}
         for key in spread:
-            xs, mean = _series(records, key)
-            _, std = _series(records, f"{key}_std")
+            xs, mean = series(records, key)
+            _, std = series(records, f"{key}_std")
             line = axes[0].plot(xs, mean, marker="o", markersize=3, label=labels[key])[0]
             if len(std) == len(mean):
                 low = [m - s for m, s in zip(mean, std, strict=True)]
@@ -114,7 +114,7 @@ def client_accuracy_figure(
         bars.set_xticks(range(len(final)), [str(c) for c in order], fontsize=7)
     mean = sum(final) / max(1, len(final))
     bars.axhline(mean, color="black", linestyle="--", linewidth=1, label=f"mean {mean:.3f}")
-    _, test_acc = _series(records, "test/acc")
+    _, test_acc = series(records, "test/acc")
     if test_acc:
         bars.axhline(
             test_acc[-1], color="tab:red", linewidth=1, label=f"global test {test_acc[-1]:.3f}"
@@ -137,8 +137,8 @@ def communication_figure(records: list[dict[str, Any]]) -> Figure:
     full-network training would have moved (`comm/full_bytes`, when logged)."""
     figure = Figure(figsize=(6, 4), dpi=120)
     axes = figure.subplots()
-    xs, down = _series(records, "comm/down_bytes")
-    _, up = _series(records, "comm/up_bytes")
+    xs, down = series(records, "comm/down_bytes")
+    _, up = series(records, "comm/up_bytes")
     if down and len(up) == len(down):
         axes.bar(xs, [b / MIB for b in down], color="tab:blue", alpha=0.7, label="down")
         axes.bar(
@@ -150,13 +150,13 @@ def communication_figure(records: list[dict[str, Any]]) -> Figure:
             label="up",
         )
     else:
-        xs, per_round = _series(records, "comm/round_bytes")
+        xs, per_round = series(records, "comm/round_bytes")
         axes.bar(xs, [b / MIB for b in per_round], color="tab:blue", alpha=0.7, label="per round")
     axes.set_ylabel("MiB per round")
     total_axes = axes.twinx()
-    xs_total, total = _series(records, "comm/bytes")
+    xs_total, total = series(records, "comm/bytes")
     total_axes.plot(xs_total, [b / MIB for b in total], color="tab:orange", label="cumulative")
-    xs_full, full = _series(records, "comm/full_bytes")
+    xs_full, full = series(records, "comm/full_bytes")
     if full:
         total_axes.plot(
             xs_full,
