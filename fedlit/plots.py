@@ -65,10 +65,10 @@ def plot_curves(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
         "loss.png": ("loss", [("test/loss", "global test"), ("train/loss", "local train")]),
     }
     written = []
-    for filename, (ylabel, series) in panels.items():
+    for filename, (ylabel, keys) in panels.items():
         figure = Figure(figsize=(6, 4), dpi=120)
         axes = figure.subplots()
-        for key, label in series:
+        for key, label in keys:
             xs, ys = series(records, key)
             if xs:
                 axes.plot(xs, ys, marker="o", markersize=3, label=label)
