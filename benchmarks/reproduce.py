@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 
 import yaml
@@ -27,6 +28,7 @@ from matplotlib.figure import Figure
 from fedlit.compare import RunResult, load_run
 from fedlit.loggers import read_metrics
 from fedlit.plots import plot_accuracy_vs_comm, save_figure, series
+from fedlit.schedule import read_schedule
 
 CONFIGS = Path("configs/results")
 RUNS = Path("runs/results")
@@ -260,18 +262,24 @@ def fedpart_report(rows: list[Row]) -> str:
     return markdown(header, lines) + "\n" + fedpart_spike_table(rows)
 
 
-FEDPART_WARMUP = 5  # full rounds at the start of every cycle
-
-
-def spike_blocks(rounds: int) -> list[tuple[str, int, int]]:
-    """(name, first, last round) of the blocks of FedPart's schedule: each cycle's full rounds
-    (but the first cycle's, which precede any partial round) and its partial rounds."""
-    blocks = []
-    for cycle in range(1, rounds // FEDPART_CYCLE + 1):
-        start = (cycle - 1) * FEDPART_CYCLE + 1
-        if cycle > 1:
-            blocks.append((f"C{cycle} full", start, start + FEDPART_WARMUP - 1))
-        blocks.append((f"C{cycle} partial", start + FEDPART_WARMUP, cycle * FEDPART_CYCLE))
+def spike_blocks(plan: list[list[str]]) -> list[tuple[str, int, int]]:
+    """(name, first, last round) of the blocks of a FedPart run's planned schedule (its
+    schedule.json): each cycle's partial rounds, and the full rounds between cycles. A cycle
+    starts at its full rounds; the first cycle's precede any partial round and are left out,
+    as are full rounds with no partial round after them."""
+    full = max((len(layers) for layers in plan), default=0)
+    runs = []  # (full or not, first round, last round), alternating
+    for is_full, group in groupby(enumerate(plan, start=1), key=lambda r: len(r[1]) == full):
+        rounds = [r for r, _ in group]
+        runs.append((is_full, rounds[0], rounds[-1]))
+    blocks, cycle = [], 0
+    for index, (is_full, first, last) in enumerate(runs):
+        if not is_full:
+            blocks.append((f"C{cycle} partial", first, last))
+            continue
+        cycle += 1
+        if cycle > 1 and index + 1 < len(runs):
+            blocks.append((f"C{cycle} full", first, last))
     return blocks
 
 
@@ -281,6 +289,11 @@ def fedpart_spike_table(rows: list[Row]) -> str:
     against FedAvg + FedPart: the paper's Figure 1 as numbers."""
     from callbacks.gradnorm import FILENAME, GradNormCurves
 
+    plans = [
+        read_schedule(row.run_dir / "schedule.json")
+        for row in rows
+        if "_fedavg_fedpart" in row.config and (row.run_dir / "schedule.json").is_file()
+    ]
     spikes: dict[tuple[str, int], dict[int, float]] = {}
     for row in rows:
         file = row.run_dir / FILENAME
@@ -290,9 +303,8 @@ def fedpart_spike_table(rows: list[Row]) -> str:
             spikes[variant, row.seed] = dict(
                 zip(curves.rounds, curves.spikes("grad_norm"), strict=True)
             )
-    most = max((max(s, default=0) for s in spikes.values()), default=0)
     lines = []
-    for name, first, last in spike_blocks(most):
+    for name, first, last in spike_blocks(max(plans, key=len, default=[])):
         cells = [name, f"{first}–{last}"]
         for variant in ("full", "fedpart"):
             means = [

@@ -74,6 +74,12 @@ def write_schedule(plan: list[list[str]], path: Path) -> None:
     path.write_text(json.dumps({"rounds": rounds}, indent=1) + "\n")
 
 
+def read_schedule(path: Path) -> list[list[str]]:
+    """The plan a run wrote with write_schedule: the layers of rounds 1, 2, ..."""
+    rounds = json.loads(path.read_text())["rounds"]
+    return [entry["layers"] for entry in sorted(rounds, key=lambda e: e["round"])]
+
+
 def schedule_table(
     runs: list[Segment], layer_names: list[str], sent_bytes: Callable[[list[str]], int]
 ) -> Table:

@@ -10,8 +10,10 @@ import yaml
 
 from benchmarks import reproduce
 from benchmarks.reproduce import PAPERS, Row, mean_pm, run_rows
+from callbacks.freezing import FedPartSchedule
 from fedlit.cli import build_parser
 from fedlit.loggers import RunFiles, read_metrics
+from fedlit.schedule import planned_layers
 
 TINY_CONFIG = """seed: 0
 run_dir: unused
@@ -167,14 +169,17 @@ def test_probes_table_reads_the_last_probed_round_per_layer(results_dirs):
 
 
 def test_spike_blocks_follow_the_fedpart_schedule():
-    assert reproduce.spike_blocks(75) == [
+    names = [f"layer{i}" for i in range(10)]  # ResNet-8's count: 25-round cycles
+    plan = planned_layers([FedPartSchedule()], names, 75)
+    assert reproduce.spike_blocks(plan) == [
         ("C1 partial", 6, 25),
         ("C2 full", 26, 30),
         ("C2 partial", 31, 50),
         ("C3 full", 51, 55),
         ("C3 partial", 56, 75),
     ]
-    assert reproduce.spike_blocks(30) == [("C1 partial", 6, 25)]  # a cycle must be complete
+    # full rounds with no partial round after them are no block
+    assert reproduce.spike_blocks(plan[:30]) == [("C1 partial", 6, 25)]
 
 
 def test_fedmr_table_gives_best_final_and_the_mean_of_the_last_rounds(results_dirs):
