@@ -1,8 +1,9 @@
 """`make results PAPER=fedpart|fedmr|lips|probes|all`: run the rows of docs/results.md and
 redraw its tables and figures.
 
-Each paper is a list of rows (a config in configs/results/ and a seed) plus the figures and the
-table drawn from their run directories into docs/results/. A row whose run directory already
+Each paper is a list of rows (config files applied in order, usually a paper's official config
+from configs/official/ plus the CPU-scale overlays of configs/results/, and a seed) plus the
+figures and the table drawn from their run directories into docs/results/. A row whose run directory already
 holds its rounds is not run again, and one that stopped early resumes from its last checkpoint,
 so an interrupted reproduction picks up where it stopped. `--figures_only` redraws from the runs
 that are there (rows without a run are left out of the tables), and `--jobs` runs that many rows
@@ -12,6 +13,7 @@ at once, each on one CPU thread as its config says.
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import statistics
 import subprocess
@@ -19,7 +21,6 @@ import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import groupby
 from pathlib import Path
 
 import yaml
@@ -27,35 +28,39 @@ from matplotlib.figure import Figure
 
 from fedlit.compare import RunResult, load_run
 from fedlit.loggers import read_metrics
-from fedlit.plots import plot_accuracy_vs_comm, save_figure, series
-from fedlit.schedule import read_schedule
+from fedlit.plots import save_figure, series
 
 CONFIGS = Path("configs/results")
+OFFICIAL = Path("configs/official")
 RUNS = Path("runs/results")
 FIGURES = Path("docs/results")
 
 
 @dataclass(frozen=True)
 class Row:
-    """One run of the results: a config of configs/results/ under one seed, for `rounds`
-    rounds (None: the config's own)."""
+    """One run of the results: `name` (its run directory's stem), the config files it applies
+    in order (later ones override earlier keys: a paper's official config, then the overlays
+    that reduce it to CPU scale), under one seed, for `rounds` rounds (None: the configs')."""
 
-    config: str
+    name: str
+    configs: tuple[Path, ...]
     seed: int = 0
     rounds: int | None = None
 
     @property
     def run_dir(self) -> Path:
-        return RUNS / f"{self.config}_s{self.seed}"
-
-    @property
-    def config_path(self) -> Path:
-        return CONFIGS / f"{self.config}.yaml"
+        return RUNS / f"{self.name}_s{self.seed}"
 
     def wanted_rounds(self) -> int:
         if self.rounds is not None:
             return self.rounds
-        return int(yaml.safe_load(self.config_path.read_text())["trainer"]["rounds"])
+        rounds = None
+        for path in self.configs:
+            trainer = (yaml.safe_load(path.read_text()) or {}).get("trainer") or {}
+            rounds = trainer.get("rounds", rounds)
+        if rounds is None:
+            raise ValueError(f"row {self.name}: no config sets trainer.rounds")
+        return int(rounds)
 
     def finished_rounds(self) -> int:
         """Rounds the run directory holds (0: none yet)."""
@@ -67,7 +72,9 @@ class Row:
     def command(self, resume: bool = True) -> list[str]:
         """The `fedlit fit` command line that (re)produces this row; with `resume`, one that
         goes on from the run's last checkpoint when there is one."""
-        args = ["fedlit", "fit", "--config", str(self.config_path)]
+        args = ["fedlit", "fit"]
+        for path in self.configs:
+            args += ["--config", str(path)]
         args += ["--seed", str(self.seed), "--run_dir", str(self.run_dir)]
         if self.rounds is not None:
             args += ["--trainer.rounds", str(self.rounds)]
@@ -149,7 +156,7 @@ def markdown(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
 def commands_table(rows: Sequence[Row]) -> str:
     """The command of every row, for the docs."""
     lines = [
-        [f"`{row.config}`, seed {row.seed}", f"`{' '.join(row.command(resume=False))}`"]
+        [f"`{row.name}`, seed {row.seed}", f"`{' '.join(row.command(resume=False))}`"]
         for row in rows
     ]
     return markdown(["row", "command"], lines)
@@ -192,149 +199,117 @@ def curves_panels(
 
 # ---- FedPart ------------------------------------------------------------------------------
 
-FEDPART_ALGORITHMS = {"fedavg": "FedAvg", "fedprox": "FedProx", "moon": "MOON"}
 FEDPART_CYCLE = 25  # ResNet-8: 5 full rounds + 10 layers x 2 rounds
 # Best test accuracy (%) full network -> + FedPart, CIFAR-10 (../shared/specs/fedpart.md).
-FEDPART_PAPER = {
-    ("fedavg", 1): "56.0 → 57.7",
-    ("fedavg", 2): "58.6 → 60.2",
-    ("fedavg", 3): "59.6 → 61.7",
-    ("moon", 1): "58.9 → 57.8",
-}
+FEDPART_PAPER = {1: (56.0, 57.7), 2: (58.6, 60.2), 3: (59.6, 61.7), 4: (60.7, 62.8)}
+# The eval_bn protocols every FedPart row logs, the official code's first.
+FEDPART_PROTOCOLS = (
+    ("client0", "client 0's statistics (paper)"),
+    ("averaged", "averaged statistics"),
+    ("recalibrated", "recalibrated statistics"),
+)
+
+
+def paired_best(
+    rows: Sequence[Row], prefix: str, upto: int, protocol: str
+) -> list[tuple[int, float, float]]:
+    """(seed, best accuracy full network, best accuracy FedPart) for every seed with both runs
+    at least `upto` rounds long, read as if stopped after `upto`, under `protocol`."""
+    found: dict[tuple[str, int], float] = {}
+    for variant in ("fedavg", "fedpart"):
+        for row in rows:
+            if row.name == f"{prefix}_{variant}" and row.finished_rounds() >= upto:
+                result = load_run(row.run_dir, row.name, upto=upto, protocol=protocol)
+                found[variant, row.seed] = result.best_acc
+    seeds_ = sorted(
+        {s for v, s in found if v == "fedavg"} & {s for v, s in found if v == "fedpart"}
+    )
+    return [(s, found["fedavg", s], found["fedpart", s]) for s in seeds_]
 
 
 def fedpart_report(rows: list[Row]) -> str:
+    """Per cycle count and client count: the paper's best accuracies, then ours under each
+    evaluation protocol of the BN statistics (full network, FedPart, the gap)."""
+    header = ["clients", "C", "paper: full → FedPart (gap)"]
+    for _, title in FEDPART_PROTOCOLS:
+        header.append(f"ours, {title}: full → FedPart (gap)")
+    header.append("seeds")
     lines = []
-    for key, name in FEDPART_ALGORITHMS.items():
-        for cycles in (1, 2, 3):
-            upto = FEDPART_CYCLE * cycles
-            full = available([r for r in rows if r.config.endswith(f"{key}_full")], upto)
-            part = available([r for r in rows if r.config.endswith(f"{key}_fedpart")], upto)
-            if not full and not part:
-                continue
-            paired = sorted({r.seed for r, _ in full} & {r.seed for r, _ in part})
-            pairs = [
-                (rf, f, p)
-                for s in paired
-                for (rf, f) in full
-                for (rp, p) in part
-                if rf.seed == s and rp.seed == s
-            ]
-            gap = [p.best_acc - f.best_acc for _, f, p in pairs]
-            same_bytes = [best_within_bytes(rf, p.comm_bytes) for rf, _, p in pairs]
-            lines.append(
-                [
-                    name,
-                    str(cycles),
-                    FEDPART_PAPER.get((key, cycles), "-"),
-                    mean_pm([r.best_acc for _, r in full]),
-                    mean_pm([r.best_acc for _, r in part]),
-                    mean_pm(gap),
-                    mean_pm([b for b in same_bytes if b is not None]),
-                    mean_pm([r.comm_ratio for _, r in part if r.comm_ratio], 1.0, 3),
-                    mean_pm([r.flops_ratio for _, r in part if r.flops_ratio], 1.0, 3),
-                    ", ".join(str(s) for s in paired) or "-",
-                ]
-            )
-    header = [
-        "method", "C", "paper (full → FedPart)", "ours full", "ours FedPart",
-        "FedPart − full", "full at FedPart's bytes", "comm ratio", "FLOPs ratio", "seeds",
-    ]  # fmt: skip
+    for prefix, clients, cycles in (("fedpart", 10, (1, 2)), ("fedpart40", 40, (1,))):
+        for c in cycles:
+            paper = FEDPART_PAPER.get(c)
+            cells = [str(clients), str(c)]
+            cells.append(f"{paper[0]} → {paper[1]} ({paper[1] - paper[0]:+.1f})" if paper else "-")
+            used: list[int] = []
+            for protocol, _ in FEDPART_PROTOCOLS:
+                pairs = paired_best(rows, prefix, FEDPART_CYCLE * c, protocol)
+                used = used or [s for s, _, _ in pairs]
+                if not pairs:
+                    cells.append("-")
+                    continue
+                full = mean_pm([f for _, f, _ in pairs])
+                part = mean_pm([p for _, _, p in pairs])
+                gap = mean_pm([p - f for _, f, p in pairs])
+                cells.append(f"{full} → {part} ({gap})")
+            cells.append(", ".join(str(s) for s in used) or "-")
+            lines.append(cells)
     panels = [
         (
-            name,
-            [("full network", r) for r in rows if r.config.endswith(f"{key}_full")]
-            + [("FedPart", r) for r in rows if r.config.endswith(f"{key}_fedpart")],
+            f"{clients} clients, {title}",
+            [
+                ("full network" if row.name.endswith("_fedavg") else "FedPart", row)
+                for row in rows
+                if row.name.startswith(f"{prefix}_")
+            ],
+            key,
         )
-        for key, name in FEDPART_ALGORITHMS.items()
+        for prefix, clients in (("fedpart", 10), ("fedpart40", 40))
+        for protocol, title in FEDPART_PROTOCOLS
+        for key in [protocol_key(rows, prefix, protocol)]
     ]
-    curves_panels(panels, "test/acc", "test accuracy", FIGURES / "fedpart_accuracy.png")
-    fedpart_comm_figure(rows)
-    pair = [r for r in rows if r.seed == 0 and "_fedavg_" in r.config]
-    pair = [r for r in pair if (r.run_dir / "gradnorm.npz").is_file()]
-    if pair:
-        from callbacks.gradnorm import plot_gradnorm_comparison
-
-        labels = ["FedAvg" if r.config.endswith("_full") else "FedAvg + FedPart" for r in pair]
-        plot_gradnorm_comparison(
-            [r.run_dir for r in pair], labels, FIGURES / "fedpart_gradnorm.png"
-        )
-    return markdown(header, lines) + "\n" + fedpart_spike_table(rows)
-
-
-def spike_blocks(plan: list[list[str]]) -> list[tuple[str, int, int]]:
-    """(name, first, last round) of the blocks of a FedPart run's planned schedule (its
-    schedule.json): each cycle's partial rounds, and the full rounds between cycles. A cycle
-    starts at its full rounds; the first cycle's precede any partial round and are left out,
-    as are full rounds with no partial round after them."""
-    full = max((len(layers) for layers in plan), default=0)
-    runs = []  # (full or not, first round, last round), alternating
-    for is_full, group in groupby(enumerate(plan, start=1), key=lambda r: len(r[1]) == full):
-        rounds = [r for r, _ in group]
-        runs.append((is_full, rounds[0], rounds[-1]))
-    blocks, cycle = [], 0
-    for index, (is_full, first, last) in enumerate(runs):
-        if not is_full:
-            blocks.append((f"C{cycle} partial", first, last))
-            continue
-        cycle += 1
-        if cycle > 1 and index + 1 < len(runs):
-            blocks.append((f"C{cycle} full", first, last))
-    return blocks
-
-
-def fedpart_spike_table(rows: list[Row]) -> str:
-    """The gradient-norm spike after aggregation (first local step over the round's median
-    step, mean over clients, `callbacks.gradnorm`), averaged over each block of rounds, FedAvg
-    against FedAvg + FedPart: the paper's Figure 1 as numbers."""
-    from callbacks.gradnorm import FILENAME, GradNormCurves
-
-    plans = [
-        read_schedule(row.run_dir / "schedule.json")
-        for row in rows
-        if "_fedavg_fedpart" in row.config and (row.run_dir / "schedule.json").is_file()
-    ]
-    spikes: dict[tuple[str, int], dict[int, float]] = {}
-    for row in rows:
-        file = row.run_dir / FILENAME
-        if "_fedavg_" in row.config and file.is_file():
-            curves = GradNormCurves.load(file)
-            variant = "full" if row.config.endswith("_full") else "fedpart"
-            spikes[variant, row.seed] = dict(
-                zip(curves.rounds, curves.spikes("grad_norm"), strict=True)
-            )
-    lines = []
-    for name, first, last in spike_blocks(max(plans, key=len, default=[])):
-        cells = [name, f"{first}–{last}"]
-        for variant in ("full", "fedpart"):
-            means = [
-                statistics.fmean(s[r] for r in range(first, last + 1))
-                for (v, _), s in spikes.items()
-                if v == variant and all(r in s for r in range(first, last + 1))
-            ]
-            cells.append(mean_pm(means, 1.0, 2))
-        lines.append(cells)
-    header = ["block", "rounds", "spike, FedAvg", "spike, FedAvg + FedPart"]
+    protocol_panels(panels, "test accuracy", FIGURES / "fedpart_accuracy.png", columns=3)
     return markdown(header, lines)
 
 
-def best_within_bytes(row: Row, budget: int) -> float | None:
-    """A run's best test accuracy among the rounds by which it had moved at most `budget`
-    bytes: full-network training given FedPart's communication."""
-    sent, acc = load_run(row.run_dir, row.run_dir.name).comm_curve
-    within = [a for b, a in zip(sent, acc, strict=True) if b <= budget]
-    return max(within) if within else None
-
-
-def fedpart_comm_figure(rows: list[Row]) -> None:
-    """Test accuracy against cumulative communication, FedAvg against FedAvg + FedPart."""
-    curves = {}
+def protocol_key(rows: Sequence[Row], prefix: str, protocol: str) -> str:
+    """The metric holding `protocol`'s accuracy in the runs of `prefix` (test/acc for the
+    protocol a run lists first)."""
     for row in rows:
-        if "_fedavg_" in row.config and row.finished_rounds():
-            method = "FedAvg" if row.config.endswith("_full") else "FedAvg + FedPart"
-            result = load_run(row.run_dir, row.run_dir.name)
-            curves[f"{method}, seed {row.seed}"] = result.comm_curve
-    plot_accuracy_vs_comm(curves, FIGURES / "fedpart_vs_comm.png")
+        if row.name.startswith(f"{prefix}_") and (row.run_dir / "config.yaml").is_file():
+            config = yaml.safe_load((row.run_dir / "config.yaml").read_text()) or {}
+            first = (config.get("trainer") or {}).get("eval_bn", ["averaged"])[0]
+            return "test/acc" if first.replace(":", "") == protocol else f"test/acc@{protocol}"
+    return f"test/acc@{protocol}"
+
+
+def protocol_panels(
+    panels: Sequence[tuple[str, Sequence[tuple[str, Row]], str]],
+    ylabel: str,
+    path: Path,
+    columns: int,
+) -> None:
+    """A grid of panels (title, runs, metric key): the metric per round for each run, seeds of
+    a label in one colour."""
+    rows_count = -(-len(panels) // columns)
+    figure = Figure(figsize=(5.0 * columns, 3.8 * rows_count), dpi=110)
+    grid = figure.subplots(rows_count, columns, squeeze=False)
+    for index, (title, runs, key) in enumerate(panels):
+        axes = grid[index // columns][index % columns]
+        colours: dict[str, str] = {}
+        for label, row in runs:
+            if row.finished_rounds() == 0:
+                continue
+            colour = colours.setdefault(label, f"C{len(colours)}")
+            x, y = metric_series(row.run_dir, key)
+            named = label not in {line.get_label() for line in axes.lines}
+            axes.plot(x, y, color=colour, linewidth=1.0, alpha=0.9, label=label if named else None)
+        axes.set_title(title, fontsize=10)
+        axes.set_xlabel("round")
+        axes.set_ylabel(ylabel)
+        axes.grid(alpha=0.3)
+        if axes.lines:
+            axes.legend(fontsize=8)
+    save_figure(figure, path)
 
 
 # ---- FedMR --------------------------------------------------------------------------------
@@ -351,42 +326,32 @@ def tail_mean(result: RunResult, rounds: int) -> float:
 
 
 def fedmr_report(rows: list[Row]) -> str:
-    """Best, final and late-round mean accuracy per split and method; the curves per split."""
+    """Best, final and late-round mean accuracy per method over seeds; the curves."""
     lines = []
-    panels = []
-    for alpha in ("0.1", "0.5"):
-        pair = {
-            m: [r for r in rows if r.config == f"fedmr_cifar10_{m}_dir{alpha}"]
-            for m in ("fedavg", "fedmr")
-        }
-        results = {m: available(pair[m]) for m in pair}
-        for method, name in (("fedavg", "FedAvg"), ("fedmr", "FedMR")):
-            found = results[method]
-            if not found:
-                continue
-            lines.append(
-                [
-                    alpha,
-                    name,
-                    mean_pm([r.best_acc for _, r in found]),
-                    mean_pm([r.final_acc for _, r in found]),
-                    mean_pm([tail_mean(r, FEDMR_TAIL) for _, r in found]),
-                    str(max(r.rounds for _, r in found)),
-                    ", ".join(str(row.seed) for row, _ in found),
-                ]
-            )
-        panels.append(
-            (
-                f"Dirichlet({alpha})",
-                [("FedAvg", r) for r in pair["fedavg"]] + [("FedMR", r) for r in pair["fedmr"]],
-            )
+    for method, name in (("fedavg", "FedAvg"), ("fedmr", "FedMR")):
+        found = available([r for r in rows if r.name == f"fedmr_{method}"])
+        if not found:
+            continue
+        lines.append(
+            [
+                name,
+                mean_pm([r.best_acc for _, r in found]),
+                mean_pm([r.final_acc for _, r in found]),
+                mean_pm([tail_mean(r, FEDMR_TAIL) for _, r in found]),
+                str(max(r.rounds for _, r in found)),
+                ", ".join(str(row.seed) for row, _ in found),
+            ]
         )
+    runs = [("FedAvg" if r.name == "fedmr_fedavg" else "FedMR", r) for r in rows]
     curves_panels(
-        panels, "test/acc", "test accuracy (global model)", FIGURES / "fedmr_accuracy.png"
+        [("CIFAR-10, CNN, capped Dirichlet(0.1)", runs)],
+        "test/acc",
+        "test accuracy (global model)",
+        FIGURES / "fedmr_accuracy.png",
     )
     header = [
-        "Dirichlet alpha", "method", "best acc", "final acc",
-        f"mean of the last {FEDMR_TAIL} rounds", "rounds", "seeds",
+        "method", "best acc", "final acc", f"mean of the last {FEDMR_TAIL} rounds", "rounds",
+        "seeds",
     ]  # fmt: skip
     return markdown(header, lines)
 
@@ -395,6 +360,8 @@ def fedmr_report(rows: list[Row]) -> str:
 
 
 MOVING = 0.01  # a layer "moves" in a round when it changes by at least 1 % of its norm
+LIPS_METHODS = (("lips_fedavg", "FedAvg"), ("lips_lips", "FedAvg + LIPS"))
+LIPS_TAIL = 20  # rounds at the end averaged over
 
 
 def last_moving_round(run_dir: Path) -> int:
@@ -411,46 +378,65 @@ def last_moving_round(run_dir: Path) -> int:
     return last
 
 
+def median_change_after(run_dir: Path, first: int) -> float:
+    """Mean over rounds >= `first` of the median layer's relative change per round."""
+    medians = []
+    for record in read_metrics(run_dir / "metrics.jsonl"):
+        changes = [
+            v for k, v in record.items() if k.startswith("layer/") and k.endswith("/rel_change")
+        ]
+        if changes and record["round"] >= first:
+            medians.append(statistics.median(changes))
+    return statistics.fmean(medians) if medians else math.nan
+
+
 def lips_report(rows: list[Row]) -> str:
-    """Personalised accuracy before and after aggregation, global accuracy, and how long the
-    layers keep moving; the personalised curves and the runs' inertia heat maps."""
+    """Personalised accuracy before and after aggregation (best, final, mean of the last
+    rounds), how long the layers keep moving and how much; the curves and inertia maps."""
     lines = []
-    methods = (("fedavg", "FedAvg"), ("lips", "FedAvg + LIPS"))
-    for method, name in methods:
-        found = complete([r for r in rows if r.config == f"lips_cifar10_{method}"])
+    for method, name in LIPS_METHODS:
+        found = complete([r for r in rows if r.name == method])
         if not found:
             continue
         cells = [name]
-        for key in ("personal/acc_local", "personal/acc_global", "test/acc"):
-            series = [metric_series(r.run_dir, key)[1] for r in found]
-            cells.append(mean_pm([max(s) for s in series if s]))
-            cells.append(mean_pm([s[-1] for s in series if s]))
+        for key in ("personal/acc_local", "personal/acc_global"):
+            curves = [metric_series(r.run_dir, key) for r in found]
+            cells.append(mean_pm([max(v) for _, v in curves if v]))
+            cells.append(
+                mean_pm(
+                    [
+                        statistics.fmean(
+                            a for r, a in zip(x, v, strict=True) if r > x[-1] - LIPS_TAIL
+                        )
+                        for x, v in curves
+                        if v
+                    ]
+                )
+            )
         cells.append(mean_pm([last_moving_round(r.run_dir) for r in found], 1.0, 0))
+        cells.append(mean_pm([median_change_after(r.run_dir, 40) for r in found], 100.0, 2) + " %")
         cells.append(", ".join(str(r.seed) for r in found))
         lines.append(cells)
     header = [
-        "method", "local model best", "local final", "received model best", "received final",
-        "global test best", "global final", f"layers move ≥ {MOVING:.0%} per round until", "seeds",
+        "method", "local model best", f"local, mean of last {LIPS_TAIL} rounds",
+        "received model best", f"received, mean of last {LIPS_TAIL} rounds",
+        f"layers move ≥ {MOVING:.0%} per round until", "median layer change per round from 40",
+        "seeds",
     ]  # fmt: skip
-    panels = [
-        (
-            title,
-            [
-                (name, r)
-                for method, name in methods
-                for r in rows
-                if r.config == f"lips_cifar10_{method}"
-            ],
+    for key, file in (
+        ("personal/acc_local", "lips_personal_local.png"),
+        ("personal/acc_global", "lips_personal_global.png"),
+    ):
+        title = (
+            "before aggregation (local model)"
+            if key.endswith("local")
+            else ("after aggregation (received model)")
         )
-        for title in ("before aggregation (local model)", "after aggregation (received model)")
-    ]
-    figure_keys = ("personal/acc_local", "personal/acc_global")
-    for (title, runs), key in zip(panels, figure_keys, strict=True):
-        name = "lips_personal_local.png" if key.endswith("local") else "lips_personal_global.png"
-        curves_panels([(title, runs)], key, "personalised accuracy", FIGURES / name)
+        runs = [(name, r) for method, name in LIPS_METHODS for r in rows if r.name == method]
+        curves_panels([(title, runs)], key, "personalised accuracy", FIGURES / file)
     for row in rows:
         if row.seed == 0:
-            method = row.config.removeprefix("lips_cifar10_")
+            method = row.name.removeprefix("lips_")
             copy_plot(row, "inertia_cosine.png", f"lips_inertia_cosine_{method}.png")
             copy_plot(row, "inertia_rel_change.png", f"lips_inertia_rel_change_{method}.png")
     return markdown(header, lines)
@@ -464,15 +450,15 @@ PROBE_COLUMNS = {
     "test_ratio": "Var_W/Var_B, local test",
     "train_align": "alignment with the next layer, train",
 }
+PROBE_METHODS = (("cfd_fedavg", "FedAvg"), ("cfd_fedbn", "FedBN"))
 
 
-def probes_report(rows: list[Row]) -> str:
-    """Per layer, the relative change (received against local model) of the probe's metrics at
-    the last probed round, then the accuracy of both models on the clients' own test data."""
-    found = complete(rows)
+def probe_changes(rows: Sequence[Row]) -> tuple[list[str], list[dict[tuple[str, str], float]]]:
+    """Layers in order, and per run the relative change (received against local model) of the
+    probe's metrics at its last probed round."""
     per_seed: list[dict[tuple[str, str], float]] = []
     layers: list[str] = []
-    for row in found:
+    for row in rows:
         records = read_metrics(row.run_dir / "metrics.jsonl")
         probed = [r for r in records if any("/probe/" in k for k in r)]
         if not probed:
@@ -490,61 +476,145 @@ def probes_report(rows: list[Row]) -> str:
                 if layer not in layers:
                     layers.append(layer)
         per_seed.append(changes)
+    return layers, per_seed
 
-    def cell(layer: str, metric: str) -> str:
+
+def probes_report(rows: list[Row]) -> str:
+    """Per layer, the relative change of the probe's metrics under FedAvg and under FedBN (the
+    BN confound removed), then the accuracy of both models on the clients' own test data and
+    the global model's test accuracy under averaged and recalibrated statistics."""
+    columns = []
+    layers: list[str] = []
+    for method, name in PROBE_METHODS:
+        found = complete([r for r in rows if r.name == method])
+        found_layers, per_seed = probe_changes(found)
+        layers = layers or found_layers
+        columns.append((name, per_seed))
+
+    def cell(per_seed: list[dict[tuple[str, str], float]], layer: str, metric: str) -> str:
         values = [c[layer, metric] for c in per_seed if (layer, metric) in c]
         return mean_pm(values, 100.0, 1) + " %" if values else "-"
 
-    lines = [[layer, *(cell(layer, m) for m in PROBE_COLUMNS)] for layer in layers]
-    table = markdown(["layer (input to penultimate)", *PROBE_COLUMNS.values()], lines)
+    header = ["layer (input to penultimate)"]
+    for name, _ in columns:
+        header += [f"{name}: {title}" for title in PROBE_COLUMNS.values()]
+    lines = [
+        [layer, *(cell(per_seed, layer, m) for _, per_seed in columns for m in PROBE_COLUMNS)]
+        for layer in layers
+    ]
+    table = markdown(header, lines)
     accuracy = []
-    for key, name in (("personal/acc_local", "local model"), ("personal/acc_global", "received")):
-        finals = [metric_series(r.run_dir, key)[1] for r in found]
-        accuracy.append([name, mean_pm([f[-1] for f in finals if f])])
-    for row in found:
-        if row.seed == 0:
-            copy_plot(row, "probe_cfd.png", "probes_cfd.png")
-            copy_plot(row, "probe_cfd_rounds.png", "probes_cfd_rounds.png")
-    seeds_used = ", ".join(str(r.seed) for r in found)
-    header = [f"model (last round, seeds {seeds_used})", "accuracy on the clients' local test"]
-    return table + "\n" + markdown(header, accuracy)
+    for method, name in PROBE_METHODS:
+        found = complete([r for r in rows if r.name == method])
+        if not found:
+            continue
+        finals = {}
+        for key in (
+            "personal/acc_local",
+            "personal/acc_global",
+            "test/acc",
+            "test/acc@recalibrated",
+        ):
+            values = [metric_series(r.run_dir, key)[1] for r in found]
+            finals[key] = mean_pm([v[-1] for v in values if v])
+        seeds_used = ", ".join(str(r.seed) for r in found)
+        accuracy.append([name, *finals.values(), seeds_used])
+        if any(r.seed == 0 for r in found):
+            row = next(r for r in found if r.seed == 0)
+            copy_plot(row, "probe_cfd.png", f"probes_cfd_{method.removeprefix('cfd_')}.png")
+    acc_header = [
+        "method (last round)", "local model on local test", "received model on local test",
+        "global test, averaged BN", "global test, recalibrated BN", "seeds",
+    ]  # fmt: skip
+    return table + "\n" + markdown(acc_header, accuracy)
 
 
 # ---- the papers ---------------------------------------------------------------------------
 
 
-def seeds(config: str, seeds_: Sequence[int], rounds: int | None = None) -> list[Row]:
-    return [Row(config, seed, rounds) for seed in seeds_]
+def seeds(name: str, configs: Sequence[Path], seeds_: Sequence[int]) -> list[Row]:
+    return [Row(name, tuple(configs), seed) for seed in seeds_]
 
 
+CPU = CONFIGS / "cpu.yaml"
 PAPERS: dict[str, Paper] = {
     "fedpart": Paper(
         rows=[
-            Row("fedpart_cifar10_fedavg_full", 0),
-            Row("fedpart_cifar10_fedavg_fedpart", 0),
-            Row("fedpart_cifar10_fedavg_full", 1, rounds=25),
-            Row("fedpart_cifar10_fedavg_fedpart", 1, rounds=25),
-            *seeds("fedpart_cifar10_fedprox_full", (0,), rounds=25),
-            *seeds("fedpart_cifar10_fedprox_fedpart", (0,), rounds=25),
-            *seeds("fedpart_cifar10_moon_full", (0,), rounds=25),
-            *seeds("fedpart_cifar10_moon_fedpart", (0,), rounds=25),
+            # the 40-client rows are the longest: first, so that two run at once from the start
+            *seeds(
+                "fedpart40_fedavg",
+                [
+                    OFFICIAL / "fedpart_cifar10_resnet8_fedavg.yaml",
+                    CPU,
+                    CONFIGS / "fedpart_40_clients.yaml",
+                ],
+                (0,),
+            ),
+            *seeds(
+                "fedpart40_fedpart",
+                [
+                    OFFICIAL / "fedpart_cifar10_resnet8_fedpart.yaml",
+                    CPU,
+                    CONFIGS / "fedpart_40_clients.yaml",
+                ],
+                (0,),
+            ),
+            *seeds(
+                "fedpart_fedavg",
+                [
+                    OFFICIAL / "fedpart_cifar10_resnet8_fedavg.yaml",
+                    CPU,
+                    CONFIGS / "fedpart_10_clients.yaml",
+                ],
+                (0, 1),
+            ),
+            *seeds(
+                "fedpart_fedpart",
+                [
+                    OFFICIAL / "fedpart_cifar10_resnet8_fedpart.yaml",
+                    CPU,
+                    CONFIGS / "fedpart_10_clients.yaml",
+                ],
+                (0, 1),
+            ),
         ],
         report=fedpart_report,
     ),
     "fedmr": Paper(
         rows=[
-            Row(f"fedmr_cifar10_{method}_dir{alpha}", seed)
-            for alpha, seeds_ in (("0.1", (0, 1)), ("0.5", (0,)))
-            for seed in seeds_
+            row
+            for seed in (0, 1, 2)
             for method in ("fedavg", "fedmr")
+            for row in seeds(
+                f"fedmr_{method}", [OFFICIAL / f"fedmr_cifar10_cnn_{method}.yaml", CPU], (seed,)
+            )
         ],
         report=fedmr_report,
     ),
     "lips": Paper(
-        rows=[Row("lips_cifar10_fedavg", 0), Row("lips_cifar10_lips", 0)],
+        rows=[
+            row
+            for seed in (0, 1)
+            for method in ("fedavg", "lips")
+            for row in seeds(
+                f"lips_{method}",
+                [OFFICIAL / f"lips_cifar10_vgg11_{method}.yaml", CPU, CONFIGS / "lips_cpu.yaml"],
+                (seed,),
+            )
+        ],
         report=lips_report,
     ),
-    "probes": Paper(rows=seeds("cfd_cifar10_fedavg", (0, 1)), report=probes_report),
+    "probes": Paper(
+        rows=[
+            row
+            for seed in (0, 1)
+            for method in ("fedavg", "fedbn")
+            for row in seeds(
+                f"cfd_{method}", [CONFIGS / f"cfd_cifar10_{method}.yaml", CPU], (seed,)
+            )
+        ],
+        report=probes_report,
+    ),
 }
 
 
@@ -554,12 +624,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="rows run at once (one thread each)")
     parser.add_argument("--figures_only", action="store_true", help="redraw, run nothing")
     parser.add_argument(
-        "--only", default="", help="run only the rows whose config name contains this text"
+        "--only", default="", help="run only the rows whose name contains this text"
     )
     args = parser.parse_args(argv)
     names = list(PAPERS) if args.paper == "all" else [args.paper]
     if not args.figures_only:
-        rows = [row for name in names for row in PAPERS[name].rows if args.only in row.config]
+        rows = [row for name in names for row in PAPERS[name].rows if args.only in row.name]
         run_rows(rows, args.jobs)
     FIGURES.mkdir(parents=True, exist_ok=True)
     for name in names:

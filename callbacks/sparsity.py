@@ -8,7 +8,18 @@ middle layers that otherwise barely move after the first rounds ("layer-wise ine
 Rounds: the official code counts rounds from 0 and sparsifies when i mod P == 0 (0, 5, 10, ...);
 fedlit counts from 1, and fedlit round r is official round i = r - 1, so the scheduled rounds are
 r = 1, 1 + P, 1 + 2P, ... and the density there is d = min(1, u + (1 - u) * (r - 1) / T), with T
-the run's total number of rounds (trainer.rounds).
+the density horizon (`horizon`, by default the run's trainer.rounds; the official code keeps
+T = 300 whatever the run's length).
+
+Timing (`timing`):
+- "client_start" (the default, the paper's description): at a scheduled round r each client
+  sparsifies the model it has just received, then trains it in round r; the first event hits the
+  initial model. FedProx anchors at the weights as received, before sparsity.
+- "after_aggregation" (the official code): the event of scheduled round r happens after round r's
+  aggregation, to the copy of the aggregated model each client receives, scored with the
+  gradients of its round-r training; the sparse model is what the client is evaluated with after
+  round r (personalised accuracy) and what it trains in round r + 1. The initial model is never
+  sparsified, and FedProx anchors at the sparse model the client received.
 
 Everything happens on the client's own rank: the gradient used for scoring is the client's own,
 kept in a per-client store there, and the masks are never sent anywhere.
@@ -38,6 +49,10 @@ SCORES = ("grad_weight", "magnitude", "random")
 def is_scheduled(round: int, period: int) -> bool:
     """Whether fedlit round `round` (1-based) is a sparsity round: official (round - 1) % P == 0."""
     return (round - 1) % period == 0
+
+
+Timing = Literal["client_start", "after_aggregation"]
+TIMINGS = ("client_start", "after_aggregation")
 
 
 def density_at(round: int, total_rounds: int, initial_density: float) -> float:
@@ -101,6 +116,10 @@ class TransientSparsity:
             from the (seed, SPARSITY, round, client) stream.
         offload: keep the stored gradients on the CPU instead of the device (they take one
             copy of the eligible weights per client).
+        timing: "client_start" (default) or "after_aggregation" (the official code; see the
+            module docstring).
+        horizon: T of the density schedule; None (default) uses trainer.rounds. The official
+            code's T is 300 in every reported setting.
     """
 
     def __init__(
@@ -109,6 +128,8 @@ class TransientSparsity:
         initial_density: float = 0.5,
         score: Score = "grad_weight",
         offload: bool = False,
+        timing: Timing = "client_start",
+        horizon: int | None = None,
     ) -> None:
         if isinstance(period, bool) or not isinstance(period, int) or period < 1:
             raise ValueError(f"TransientSparsity.period must be an integer >= 1, got {period!r}")
@@ -121,6 +142,19 @@ class TransientSparsity:
             raise ValueError(
                 f"TransientSparsity.score must be one of {list(SCORES)}, got {score!r}"
             )
+        if timing not in TIMINGS:
+            raise ValueError(
+                f"TransientSparsity.timing must be one of {list(TIMINGS)}, got {timing!r}"
+            )
+        if horizon is not None and (
+            isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1
+        ):
+            raise ValueError(
+                "TransientSparsity.horizon must be null (trainer.rounds) or an integer >= 1 "
+                f"(the official code: 300), got {horizon!r}"
+            )
+        self.timing = timing
+        self.horizon = horizon
         self.period = period
         self.initial_density = float(initial_density)
         self.score = score
@@ -152,20 +186,51 @@ class TransientSparsity:
             )
 
     def density(self, round: int) -> float:
-        """The density of `round` (1 on rounds that are not sparsity rounds)."""
+        """The density of the event of `round` (1 on rounds that are not sparsity rounds)."""
         if not is_scheduled(round, self.period):
             return 1.0
-        return density_at(round, self._fed.run.trainer.rounds, self.initial_density)
+        horizon = self.horizon or self._fed.run.trainer.rounds
+        return density_at(round, horizon, self.initial_density)
+
+    def event_trained_in(self, round: int) -> int | None:
+        """The sparsity event whose model is trained in `round`: that round's own
+        ("client_start") or the previous round's ("after_aggregation"); None when none."""
+        event = round if self.timing == "client_start" else round - 1
+        return event if event >= 1 and is_scheduled(event, self.period) else None
 
     def on_round_start(self, round: int) -> None:
-        if is_scheduled(round, self.period):
+        if self.event_trained_in(round) is not None:
             # [kept per layer..., numel per layer..., clients, clients scored by their gradient]
             size = 2 * len(self._layers) + 2
             self._counts = torch.zeros(size, dtype=torch.float64, device=self._fed.fabric.device)
 
+    def on_client_receive(self, round: int, client: int, model: nn.Module) -> None:
+        """After round `round`'s aggregation (timing "after_aggregation"): sparsify the copy of
+        the aggregated model `client` receives."""
+        if self.timing == "after_aggregation" and round >= 1 and is_scheduled(round, self.period):
+            self._sparsify(round, client, model)
+
     def on_client_start(self, round: int, client: int, model: nn.Module) -> None:
-        if not is_scheduled(round, self.period) or self._counts is None:
+        event = self.event_trained_in(round)
+        if event is None or self._counts is None:
             return
+        if self.timing == "client_start":
+            self._sparsify(event, client, model)
+        params = dict(model.named_parameters())
+        n = len(self._layers)
+        for name, layer in self._eligible.items():
+            weight = params[name]
+            if not weight.requires_grad:
+                continue
+            index = self._layer_index[layer]
+            self._counts[index] += torch.count_nonzero(weight.detach())
+            self._counts[n + index] += weight.numel()
+        self._counts[2 * n] += 1.0
+        self._counts[2 * n + 1] += float(client in self._grads)
+
+    def _sparsify(self, round: int, client: int, model: nn.Module) -> None:
+        """Zero the lowest-scoring weights of every eligible tensor of `model`, to the density
+        of the event of `round`, with `client`'s scores."""
         density = self.density(round)
         params = dict(model.named_parameters())
         stored = self._grads.get(client) if self.score == "grad_weight" else None
@@ -175,19 +240,13 @@ class TransientSparsity:
             generator = torch_generator(
                 self._fed.run.seed, Stream.SPARSITY, round, client, device=device
             )
-        n = len(self._layers)
-        for name, layer in self._eligible.items():
+        for name in self._eligible:
             weight = params[name]
             # A frozen weight (partial training) could not regrow and is not sent back: leave it.
             if not weight.requires_grad:
                 continue
             gradient = stored.get(name) if stored is not None else None
             zero_lowest(weight, self._scores(weight, gradient, generator), density)
-            index = self._layer_index[layer]
-            self._counts[index] += torch.count_nonzero(weight.detach())
-            self._counts[n + index] += weight.numel()
-        self._counts[2 * n] += 1.0
-        self._counts[2 * n + 1] += float(stored is not None)
 
     def on_client_end(self, client: int, model: nn.Module) -> None:
         if self.score != "grad_weight" or not self._eligible:
@@ -201,11 +260,12 @@ class TransientSparsity:
             self._grads.put(client, grads)
 
     def on_round_end(self, round: int, metrics: dict[str, Any]) -> None:
-        if not is_scheduled(round, self.period) or self._counts is None:
+        event = self.event_trained_in(round)
+        if event is None or self._counts is None:
             return
         counts = self._fed.comm.all_reduce_sum(self._counts).tolist()  # one collective
         self._counts = None
-        metrics.update(self._metrics(round, counts))
+        metrics.update(self._metrics(event, counts))
 
     # ---- state for resuming ------------------------------------------------------------------
 

@@ -132,6 +132,14 @@ def build_compare_parser() -> ArgumentParser:
         "[25,50,75] for FedPart's C = 1, 2, 3 cycles: best accuracy up to the round, costs "
         "until then.",
     )
+    parser.add_argument(
+        "--eval_bn",
+        type=str | None,
+        default=None,
+        help="Compare the accuracy of this BatchNorm evaluation protocol (averaged, client<K>, "
+        "recalibrated), which every run must have logged; by default each run's test/acc, "
+        "refused when the runs' protocols differ.",
+    )
     return parser
 
 
@@ -216,7 +224,7 @@ def compare_command(cfg: Namespace) -> Path:
     from fedlit.compare import compare_runs
 
     plot = Path(cfg.plot) if cfg.plot else None
-    table, path = compare_runs([Path(p) for p in cfg.run_dirs], plot, cfg.at_rounds)
+    table, path = compare_runs([Path(p) for p in cfg.run_dirs], plot, cfg.at_rounds, cfg.eval_bn)
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)  # piped output would default to 80 columns and fold cells

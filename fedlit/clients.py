@@ -23,6 +23,7 @@ class Stream(IntEnum):
     SPARSITY = 5  # LIPS's random-score masks, keyed by (round, client)
     PROBE = 6  # the samples a layer-peeled probe reads, keyed by (round, client)
     SCHEDULE = 7  # FedPart's random layer order, keyed by cycle
+    RECALIBRATE = 8  # the training samples BN statistics are recomputed on, by (round, client)
 
 
 def stream_seed(seed: int, purpose: Stream, *keys: int) -> int:

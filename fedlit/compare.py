@@ -6,13 +6,17 @@ numbers come from the rounds logged so far and its wall time is unknown). Costs 
 the summary's units: communication in GB (10^9 bytes) and training FLOPs in TFLOPs (10^12), each
 with its ratio to full-network training over the same rounds (`fedlit.costs`); runs written
 before fedlit counted FLOPs show "-" there.
+
+Accuracy is only comparable under one evaluation protocol of the BatchNorm statistics
+(`trainer.eval_bn`, fedlit.eval_bn): the table shows each run's protocol, and refuses runs whose
+`test/acc` comes from different protocols unless `protocol` names one every run logged.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,7 @@ import yaml
 from rich.table import Table
 
 from fedlit.costs import GB, TFLOP
+from fedlit.eval_bn import parse_protocols
 from fedlit.loggers import method_label, read_metrics
 from fedlit.plots import plot_accuracy_vs_comm, plot_comparison
 
@@ -42,40 +47,70 @@ class RunResult:
     curve: tuple[list[int], list[float]]  # (round, test accuracy) of every evaluated round
     comm_curve: tuple[list[float], list[float]]  # (cumulative bytes, test accuracy)
     running: bool = False  # no summary.json yet
+    protocol: str = "averaged"  # the eval_bn protocol of the accuracies shown
+    protocols: list[str] = field(default_factory=lambda: ["averaged"])  # all the run logged
 
 
-def load_run(run_dir: Path, label: str, upto: int | None = None) -> RunResult:
+def run_protocols(
+    config: dict[str, Any] | None, summary: dict[str, Any], records: list[dict[str, Any]]
+) -> list[str]:
+    """The names of the eval_bn protocols a run logged, its test/acc protocol first: from the
+    summary or the config (runs from before protocols existed logged `averaged`), the others
+    from the test/acc@<name> keys of its metrics."""
+    first = summary.get("eval_bn")
+    if not isinstance(first, str):
+        trainer = (config or {}).get("trainer") or {}
+        first = parse_protocols(trainer.get("eval_bn") or ["averaged"])[0].name
+    others = {k.partition("@")[2] for r in records for k in r if k.startswith("test/acc@")}
+    return [first, *sorted(others - {first})]
+
+
+def load_run(
+    run_dir: Path, label: str, upto: int | None = None, protocol: str | None = None
+) -> RunResult:
     """Read one run directory; ValueError naming the directory when it is not a fedlit run.
 
     `upto` reads the run as if it had stopped after that round: best accuracy among the rounds
     up to it, costs accumulated until then. Every draw of a run is keyed by the round, so this
     is what a run with `trainer.rounds: upto` gives (FedPart's C cycles are the first 25 C
-    rounds of a longer run).
+    rounds of a longer run). `protocol` reads the accuracy of that eval_bn protocol (default:
+    the run's first, i.e. test/acc).
     """
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.is_file():
         raise ValueError(f"{run_dir}: no metrics.jsonl here; is it a fedlit run_dir?")
-    records = [r for r in read_metrics(metrics_path) if isinstance(r.get("test/acc"), float)]
+    config_path, summary_path = run_dir / "config.yaml", run_dir / "summary.json"
+    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
+    written = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    every = read_metrics(metrics_path)
+    logged = run_protocols(config, written, every)
+    protocol = protocol or logged[0]
+    if protocol not in logged:
+        raise ValueError(
+            f"{run_dir}: has no accuracy under the eval_bn protocol {protocol!r}; it logged "
+            f"{', '.join(logged)} (trainer.eval_bn)"
+        )
+    key = "test/acc" if protocol == logged[0] else f"test/acc@{protocol}"
+    suffix = key.removeprefix("test/acc")
+    records = [{**r, "test/acc": r[key]} for r in every if isinstance(r.get(key), float)]
     if not records:
         raise ValueError(f"{run_dir}: metrics.jsonl has no evaluated round yet")
     if upto is not None:
         records = [r for r in records if r["round"] <= upto]
         if not records:
             raise ValueError(f"{run_dir}: no evaluated round at or before round {upto}")
-    config_path, summary_path = run_dir / "config.yaml", run_dir / "summary.json"
-    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
     summary: dict[str, Any] = {}
     running = not summary_path.is_file()
-    if summary_path.is_file() and upto is None:  # the summary describes the whole run
-        summary = json.loads(summary_path.read_text())
+    if upto is None:  # the summary describes the whole run
+        summary = written
     best = max(records, key=lambda r: r["test/acc"])
     last = records[-1]
     return RunResult(
         label=label,
         method=method_label(config or {}),
-        best_acc=summary.get("best_test_acc", best["test/acc"]),
-        best_round=summary.get("best_round", best["round"]),
-        final_acc=summary.get("final_test_acc", last["test/acc"]),
+        best_acc=summary.get(f"best_test_acc{suffix}", best["test/acc"]),
+        best_round=best["round"],
+        final_acc=summary.get(f"final_test_acc{suffix}", last["test/acc"]),
         rounds=summary.get("rounds", last["round"]),
         comm_bytes=summary.get("comm_bytes", last.get("comm/bytes", 0)),
         comm_ratio=summary.get("comm_ratio", last.get("comm/ratio")),
@@ -85,6 +120,8 @@ def load_run(run_dir: Path, label: str, upto: int | None = None) -> RunResult:
         curve=([r["round"] for r in records], [r["test/acc"] for r in records]),
         comm_curve=([r.get("comm/bytes", 0) for r in records], [r["test/acc"] for r in records]),
         running=running and upto is None,
+        protocol=protocol,
+        protocols=logged,
     )
 
 
@@ -103,6 +140,7 @@ def comparison_table(results: list[RunResult]) -> Table:
     table = Table(title="fedlit compare")
     table.add_column("run", overflow="fold")
     table.add_column("method", max_width=36)
+    table.add_column("eval BN")
     columns = ("best acc", "round", "final acc", "rounds", "comm GB", "comm ratio")
     for name in (*columns, "TFLOPs", "FLOPs ratio", "time"):
         table.add_column(name, justify="right", no_wrap=True)
@@ -115,6 +153,7 @@ def comparison_table(results: list[RunResult]) -> Table:
         table.add_row(
             r.label,
             r.method,
+            r.protocol,
             f"{r.best_acc:.4f}",
             str(r.best_round),
             f"[bold]{final}[/bold]" if r.final_acc == top else final,
@@ -128,18 +167,42 @@ def comparison_table(results: list[RunResult]) -> Table:
     return table
 
 
+def check_one_protocol(results: list[RunResult]) -> None:
+    """Refuse a table whose accuracy column would mix eval_bn protocols, naming a way out."""
+    if len({r.protocol for r in results}) <= 1:
+        return
+    shared = set.intersection(*(set(r.protocols) for r in results))
+    each = ", ".join(f"{r.label}: {r.protocol}" for r in results)
+    way_out = (
+        f"pass --eval_bn with one that every run logged: {', '.join(sorted(shared))}"
+        if shared
+        else "no protocol was logged by every run; rerun them with a common trainer.eval_bn"
+    )
+    raise ValueError(
+        f"the runs report test/acc under different BatchNorm evaluation protocols ({each}); "
+        f"numbers of different protocols are not comparable in one column: {way_out}"
+    )
+
+
 def compare_runs(
-    run_dirs: list[Path], plot_path: Path | None = None, at_rounds: list[int] | None = None
+    run_dirs: list[Path],
+    plot_path: Path | None = None,
+    at_rounds: list[int] | None = None,
+    protocol: str | None = None,
 ) -> tuple[Table, Path]:
     """The table and the plots (default: compare_accuracy.png next to the first run).
 
     Beside the accuracy-per-round plot: accuracy against cumulative communication
     (compare_accuracy_vs_comm.png) and, when runs recorded them, the per-step gradient norms
     (compare_accuracy_gradnorm.png). `at_rounds` gives one row per run and round, each as if the run had
-    stopped there.
+    stopped there. `protocol` compares every run under that eval_bn protocol; without it the
+    runs' test/acc must all come from the same protocol.
     """
     labels = run_labels(run_dirs)
-    results = [load_run(p, label) for p, label in zip(run_dirs, labels, strict=True)]
+    results = [
+        load_run(p, label, protocol=protocol) for p, label in zip(run_dirs, labels, strict=True)
+    ]
+    check_one_protocol(results)
     plot_path = plot_path or run_dirs[0].parent / "compare_accuracy.png"
     plot_comparison({r.label: r.curve for r in results}, plot_path)
     plot_accuracy_vs_comm(
@@ -153,7 +216,7 @@ def compare_runs(
     )
     if at_rounds:
         results = [
-            load_run(p, f"{label} @{n}", upto=n)
+            load_run(p, f"{label} @{n}", upto=n, protocol=protocol)
             for p, label in zip(run_dirs, labels, strict=True)
             for n in at_rounds
         ]

@@ -9,6 +9,8 @@ from typing import Literal
 
 import torch
 
+from fedlit.eval_bn import parse_protocols
+
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 
 
@@ -19,6 +21,10 @@ class TrainerConfig:
     `optimizer` is built anew for every client in every round (class_path/init_args of any
     torch.optim class, e.g. SGD with momentum and weight decay, or Adam); when unset, plain SGD
     with lr 0.01 is used.
+
+    `eval_bn` lists the evaluation protocols of the global model's BatchNorm statistics
+    (fedlit.eval_bn): `averaged` (default), `client:K`, `recalibrated`; the first gives test/acc,
+    the others test/acc@<name>. `eval_bn_samples` training images are used by `recalibrated`.
 
     `reduce_dtype` is the precision of the server's weighted sum. float64 (the default) makes
     the average independent of how clients are spread over ranks: n_k * w_k is exact in float64,
@@ -41,6 +47,8 @@ class TrainerConfig:
     checkpoint_every: int = 0
     reduce_dtype: Literal["float64", "float32"] = "float64"
     cpu_threads: int | None = None
+    eval_bn: list[str] = field(default_factory=lambda: ["averaged"])
+    eval_bn_samples: int = 1024
 
     def __post_init__(self) -> None:
         positive = {
@@ -51,6 +59,7 @@ class TrainerConfig:
             "batch_size": self.batch_size,
             "eval_every": self.eval_every,
             "eval_batch_size": self.eval_batch_size,
+            "eval_bn_samples": self.eval_bn_samples,
         }
         for key, value in positive.items():
             if value < 1:
@@ -62,6 +71,7 @@ class TrainerConfig:
             )
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"trainer.cpu_threads must be >= 1 or null, got {self.cpu_threads}")
+        parse_protocols(self.eval_bn)
 
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")

@@ -10,7 +10,8 @@ last changed (0: the initial model) and, per client, the round whose model it ho
 yet, so its first download is the whole model). Under FedAvg every layer changes every round,
 so a sampled client downloads the whole model, as before; under FedPart a client that took part
 in the previous round downloads only the layer(s) aggregated then. Only the tensors a client
-receives count: parameters, plus floating-point buffers under the "average" buffer policy.
+receives count: parameters and floating-point buffers, except those the algorithm keeps local
+(fedlit.local_tensors).
 
 Computation. One training step's FLOPs depend on which layers are trainable: frozen layers below
 the lowest trainable one get no backward at all, layers above it get an input-gradient backward
@@ -30,7 +31,7 @@ no device read.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -269,16 +270,17 @@ class CommLedger:
         self.holds = [int(h) for h in state["holds"]]
 
 
-def layer_sent_bytes(model: nn.Module, layers: Sequence[Layer], buffers_policy: str) -> list[int]:
-    """Bytes of what a client sends and receives of each layer: its parameters, plus its
-    floating-point buffers when the algorithm averages BatchNorm statistics."""
+def layer_sent_bytes(
+    model: nn.Module, layers: Sequence[Layer], local_names: Collection[str] = ()
+) -> list[int]:
+    """Bytes of what a client sends and receives of each layer: its parameters and its
+    floating-point buffers, except the tensors the algorithm keeps local (`algorithm.local`:
+    BN statistics under `buffers: local`, BN affine parameters, biases)."""
     buffers = dict(model.named_buffers())
     sizes = []
     for layer in layers:
-        names = list(layer.params)
-        if buffers_policy == "average":
-            names += [b for b in layer.buffers if buffers[b].is_floating_point()]
-        sizes.append(FlatLayout.of(model, names).nbytes())
+        names = list(layer.params) + [b for b in layer.buffers if buffers[b].is_floating_point()]
+        sizes.append(FlatLayout.of(model, [n for n in names if n not in local_names]).nbytes())
     return sizes
 
 
@@ -308,7 +310,7 @@ class CostTracker:
         run = fed.run
         ledger = CommLedger(
             [layer.name for layer in fed.layers],
-            layer_sent_bytes(fed.global_model, fed.layers, run.algorithm.buffers),
+            layer_sent_bytes(fed.global_model, fed.layers, fed.local_names),
             run.data.num_clients,
         )
         flops = StepFlops(fed.global_model, fed.data.input_shape, run.trainer.batch_size)

@@ -15,6 +15,9 @@ Hooks, in call order (callbacks are plain objects; each receives only the argume
 names): check_layers(layers) (before any rank starts: reject settings that do not fit the
 model's layer map with a ValueError), on_fit_start(fabric, model, layers, federation),
 on_round_start(round, clients),
+on_client_receive(round, client, model) (the model `client` receives after round `round`'s
+aggregation, each time it is made: at the start of round + 1's training, before the algorithm's
+client_start, and for the personalised evaluation of round `round`; LIPS's official timing),
 select_layers(round, layers) -> names or None (asked, not called: narrows which layers are
 trained and communicated; the others are frozen for the round; it must be a pure function of the
 round, because the engine also asks it for every round at the start to show the schedule),
@@ -34,7 +37,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,8 +69,16 @@ from fedlit.data.datasets import DataBundle, load_dataset
 from fedlit.data.device import DeviceData
 from fedlit.data.partition import Partition, make_partition
 from fedlit.data.report import plot_label_heatmap
+from fedlit.eval_bn import (
+    EvalModels,
+    metric_suffix,
+    parse_protocols,
+    recalibration_batches,
+    recalibration_indices,
+)
 from fedlit.evaluation import SpreadOverClients, client_accuracy, evaluate_global
 from fedlit.local import freeze_inactive, train_client
+from fedlit.local_tensors import local_classes, local_tensor_names
 from fedlit.loggers import ConsoleReport, RunFiles, human_bytes, method_label
 from fedlit.models.layers import Layer, check_layer_map
 from fedlit.plots import plot_client_accuracy, plot_communication, plot_curves, plot_layer_metrics
@@ -157,6 +168,12 @@ def check_before_launch(run: RunConfig) -> None:
             f"callbacks {selecting} select layers; remove them or use an averaging algorithm "
             "(FedAvg, FedProx, MOON)"
         )
+    for protocol in parse_protocols(run.trainer.eval_bn):
+        if protocol.kind == "client" and protocol.client >= run.data.num_clients:
+            raise ValueError(
+                f"trainer.eval_bn: {protocol.spec} names a client that does not exist; clients "
+                f"are 0..{run.data.num_clients - 1} (data.num_clients={run.data.num_clients})"
+            )
     if run.trainer.personal_eval and run.data.local_test == "none":
         raise ValueError(
             "trainer.personal_eval needs per-client test splits: set data.local_test to "
@@ -177,9 +194,11 @@ class Federation:
     global_model: nn.Module
     working: nn.Module
     layers: list[Layer]
-    local_buffers: ClientStateStore
+    local_buffers: ClientStateStore  # each client's local tensors (algorithm.local), by client
+    local_names: set[str]  # names of the tensors the algorithm keeps on the clients
     comm: Communicator
     per_round: int
+    eval_models: EvalModels | None = None  # the models the eval_bn protocols test
     server: ServerStep | None = None
     costs: CostTracker | None = None  # bytes and FLOPs, identical on every rank
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -209,12 +228,13 @@ class Federation:
         return params, floats
 
     def load_client_model(self, client: int, into: nn.Module | None = None) -> nn.Module:
-        """`into` (default: the working model) := the global weights, with the client's own BN
-        statistics when the algorithm keeps them local: the model `client` receives."""
+        """`into` (default: the working model) := the global weights, with the client's own
+        local tensors (its BN statistics, ...: algorithm.local) once it has trained: the model
+        `client` receives."""
         model = self.working if into is None else into
         copy_into(list(model.parameters()), list(self.global_model.parameters()))
         copy_into(list(model.buffers()), list(self.global_model.buffers()))
-        own = self.local_buffers.get(client) if self.run.algorithm.buffers == "local" else None
+        own = self.local_buffers.get(client) if self.local_names else None
         if own is not None:
             copy_into(named_tensors(model, list(own)), list(own.values()))
         return model
@@ -260,6 +280,8 @@ def setup(run: RunConfig, fabric: Fabric, loaded: Loaded) -> Federation:
         hflip=run.data.hflip,
         normalize=run.data.normalize,
         rotation=run.data.rotation,
+        mean=run.data.norm_mean,
+        std=run.data.norm_std,
     )
     global_model = loaded.model.to(device)
     partition = loaded.partition
@@ -267,6 +289,7 @@ def setup(run: RunConfig, fabric: Fabric, loaded: Loaded) -> Federation:
     def on_device(parts):
         return [torch.as_tensor(p, dtype=torch.long).to(device) for p in parts]
 
+    local_names = local_tensor_names(global_model, local_classes(run.algorithm))
     fed = Federation(
         run=run,
         fabric=fabric,
@@ -278,6 +301,7 @@ def setup(run: RunConfig, fabric: Fabric, loaded: Loaded) -> Federation:
         working=copy.deepcopy(global_model),
         layers=loaded.layers,
         local_buffers=ClientStateStore(device),
+        local_names=local_names,
         comm=Communicator(fabric.world_size),
         per_round=clients_per_round(
             run.data.num_clients, run.trainer.clients_per_round, run.trainer.client_fraction
@@ -290,6 +314,14 @@ def setup(run: RunConfig, fabric: Fabric, loaded: Loaded) -> Federation:
         layers=fed.layers,
         device=device,
         federation=fed,
+    )
+    fed.eval_models = EvalModels(
+        parse_protocols(run.trainer.eval_bn),
+        global_model,
+        local_names,
+        fed.comm,
+        fed.rank,
+        device,
     )
     make_server = getattr(run.algorithm, "make_server", None)
     fed.server = make_server(fed) if make_server is not None else default_server(fed)
@@ -311,7 +343,7 @@ class RoundPlan:
     mine: list[int]
     active: list[str]  # layers trained and communicated this round (the rest are frozen)
     trainable: set[str]  # parameter names of the active layers
-    reduced: list[str]  # tensors in the all-reduce: trained parameters and their float buffers
+    reduced: list[str]  # tensors in the all-reduce: shared trained parameters, float BN buffers
     sent_bytes: int  # bytes one client uploads this round
     down_bytes: int  # bytes the sampled clients download: what changed since each last synced
     evaluate: bool
@@ -324,19 +356,22 @@ def plan_round(fed: Federation, round_idx: int) -> RoundPlan:
     all_layers = [layer.name for layer in fed.layers]
     active = layers_of_round(run.callbacks, all_layers, round_idx)
     params, float_buffers = fed.tensor_names(active)
-    if run.algorithm.buffers == "local":
+    all_float_buffers = fed.tensor_names(all_layers)[1]
+    if fed.local_names.intersection(all_float_buffers):
         # Clients keep their BN statistics and never send them, so they are not communication;
         # the global model still needs statistics to be evaluated. Every layer's statistics moved
         # on the clients (the whole network trains in train mode, frozen layers included), so
         # every layer's are averaged, for evaluation only: a partial round that averaged only
         # its own layer's would evaluate the layers above it with statistics of stale inputs.
-        float_buffers = fed.tensor_names(all_layers)[1]
+        float_buffers = all_float_buffers
+    # local parameters (algorithm.local: BN affine, biases) stay out of the reduction entirely
+    shared = [p for p in params if p not in fed.local_names]
     return RoundPlan(
         clients=clients,
         mine=owned_clients(clients, fed.rank, fed.world_size),
         active=active,
         trainable=set(params),
-        reduced=params + float_buffers,
+        reduced=shared + float_buffers,
         sent_bytes=fed.costs.ledger.bytes_of(active),
         down_bytes=fed.costs.download_bytes(clients),
         evaluate=round_idx % run.trainer.eval_every == 0 or round_idx == run.trainer.rounds,
@@ -362,6 +397,8 @@ def train_one_client(fed: Federation, plan: RoundPlan, round_idx: int, client: i
     run, fabric = fed.run, fed.fabric
     fed.server.receive(client, fed.working)
     freeze_inactive(fed.working, plan.trainable)
+    # the model a client trains in round r is what it received after round r - 1's aggregation
+    fabric.call("on_client_receive", round=round_idx - 1, client=client, model=fed.working)
     # The algorithm sees the weights as received (FedProx anchors to them) before callbacks
     # may perturb them (LIPS's sparsity).
     call_optional(
@@ -389,8 +426,10 @@ def train_one_client(fed: Federation, plan: RoundPlan, round_idx: int, client: i
     )
     fabric.call("on_client_end", round=round_idx, client=client, model=fed.working)
     call_optional(run.algorithm, "client_end", round=round_idx, client=client, model=fed.working)
-    if run.algorithm.buffers == "local":
-        fed.local_buffers.put(client, dict(fed.working.named_buffers()))
+    if fed.local_names:
+        tensors = dict(fed.working.named_parameters()) | dict(fed.working.named_buffers())
+        fed.local_buffers.put(client, {n: t for n, t in tensors.items() if n in fed.local_names})
+    fed.eval_models.client_end(client, fed.working)
     return loss_sum / max(steps, 1)
 
 
@@ -405,22 +444,43 @@ def personal_accuracy(fed: Federation, client: int) -> float:
     )
 
 
-def evaluate_round(fed: Federation, plan: RoundPlan, personal: SpreadOverClients) -> dict:
-    """Global test metrics, and personalised ones (the clients' local models were scored
-    during training; here each client scores the aggregated model it receives)."""
+def receive_after(fed: Federation, round_idx: int, client: int) -> nn.Module:
+    """The working model := what `client` receives after round `round_idx`'s aggregation, as
+    training in the next round would start from it (on_client_receive included)."""
+    model = fed.load_client_model(client)
+    fed.fabric.call("on_client_receive", round=round_idx, client=client, model=model)
+    return model
+
+
+def evaluate_round(
+    fed: Federation, plan: RoundPlan, round_idx: int, personal: SpreadOverClients
+) -> dict:
+    """Global test metrics under every eval_bn protocol, and personalised ones (the clients'
+    local models were scored during training; here each client scores the aggregated model it
+    receives)."""
     run = fed.run
-    metrics = evaluate_global(
-        fed.global_model,
-        fed.data,
-        fed.rank,
-        fed.world_size,
-        run.trainer.eval_batch_size,
-        fed.fabric.autocast,
-    )
+    batch_size = run.trainer.eval_batch_size
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        return evaluate_global(model, fed.data, fed.comm, fed.rank, batch_size, fed.fabric.autocast)
+
+    def recalibration() -> Iterator[torch.Tensor]:
+        indices = recalibration_indices(
+            fed.client_indices, run.trainer.eval_bn_samples, run.seed, round_idx, fed.data.device
+        )
+        return recalibration_batches(fed.data, indices, batch_size)
+
+    metrics: dict[str, Any] = {}
+    for position, (protocol, tested) in enumerate(
+        fed.eval_models.evaluate_all(evaluate, recalibration)
+    ):
+        suffix = metric_suffix(position, protocol)
+        metrics[f"test/acc{suffix}"] = tested["test/acc"]
+        metrics[f"test/loss{suffix}"] = tested["test/loss"]
     if run.trainer.personal_eval:
         for client in plan.mine:
-            fed.load_client_model(client)
-            personal.add("acc_global", personal_accuracy(fed, client))
+            receive_after(fed, round_idx, client)
+            personal.add("acc_global", client, personal_accuracy(fed, client))
         metrics.update(personal.reduce(fed.comm, "personal"))
     return metrics
 
@@ -436,7 +496,7 @@ def run_round(
     started = time.perf_counter()
     plan = plan_round(fed, round_idx)
     fed.server.start_round(plan)
-    personal = SpreadOverClients(["acc_local", "acc_global"], fabric.device)
+    personal = SpreadOverClients(["acc_local", "acc_global"], run.data.num_clients, fabric.device)
     score_local = plan.evaluate and run.trainer.personal_eval
 
     # the first of this rank's clients whose loss was not finite, kept on the device: one
@@ -448,7 +508,7 @@ def run_round(
         first_bad = torch.where(bad, torch.full_like(first_bad, client), first_bad)
         fed.server.send(client, fed.working, float(fed.client_sizes[client]), mean_loss)
         if score_local:
-            personal.add("acc_local", personal_accuracy(fed, client))
+            personal.add("acc_local", client, personal_accuracy(fed, client))
         if on_client_done is not None:
             on_client_done(done, len(plan.mine))
 
@@ -467,7 +527,7 @@ def run_round(
         **step.metrics,
     }
     if plan.evaluate:
-        metrics.update(evaluate_round(fed, plan, personal))
+        metrics.update(evaluate_round(fed, plan, round_idx, personal))
         fabric.call("on_evaluate_end", round=round_idx, metrics=metrics)
     metrics["time/round_seconds"] = time.perf_counter() - started
     fabric.call("on_round_end", round=round_idx, metrics=metrics)
@@ -556,6 +616,13 @@ def summarize(fed: Federation, wall_seconds: float) -> dict[str, Any]:
     for key in ("personal/acc_local", "personal/acc_global"):
         if key in final:
             summary[f"final_{key.replace('/', '_')}"] = final[key]
+    protocols = parse_protocols(fed.run.trainer.eval_bn)
+    summary["eval_bn"] = protocols[0].name
+    for position, protocol in enumerate(protocols[1:], start=1):
+        suffix = metric_suffix(position, protocol)
+        summary[f"best_test_acc{suffix}"] = max(m[f"test/acc{suffix}"] for m in evaluated)
+        summary[f"final_test_acc{suffix}"] = final[f"test/acc{suffix}"]
+        summary[f"final_test_loss{suffix}"] = final[f"test/loss{suffix}"]
     return summary
 
 
@@ -659,8 +726,9 @@ def final_client_accuracy(fed: Federation) -> tuple[list[float], str]:
         split, parts = "train", fed.client_indices
     n = len(parts)
     scores = torch.zeros(2 * n, dtype=torch.float64, device=fed.fabric.device)
+    last_round = fed.history[-1]["round"]
     for client in owned_clients(list(range(n)), fed.rank, fed.world_size):
-        model = fed.load_client_model(client)
+        model = receive_after(fed, last_round, client)
         model.eval()
         for x, y in fed.data.eval_batches(split, parts[client], fed.run.trainer.eval_batch_size):
             with fed.fabric.autocast():

@@ -4,7 +4,8 @@ A checkpoint (rank 0 writes it, atomically) holds the global model, the round, t
 history, the communication count, the cost accounting (`fedlit.costs`: which layer changed when,
 which model each client holds, the running totals; the same on every rank), the resolved
 config, the W&B run id and one entry per rank with that rank's per-client state: local BN
-statistics, the algorithm's state (MOON's previous models), the server step's state (FedMR's
+statistics (and any other tensor the algorithm keeps local), the statistics an eval_bn
+`client:K` protocol evaluates with, the algorithm's state (MOON's previous models), the server step's state (FedMR's
 slots) and each callback's state (LIPS's gradients, LayerInertia's snapshots, the probes'
 history). Ranks send their entry to rank 0 with one `gather_object` per checkpoint.
 
@@ -120,6 +121,7 @@ def rank_state(fed: Federation) -> dict[str, Any]:
     """This rank's per-client state, as plain CPU tensors, dicts and numbers."""
     return {
         "local_buffers": fed.local_buffers.state_dict(),
+        "eval_bn": fed.eval_models.state_dict(),
         "algorithm": _state_of(fed.run.algorithm),
         "server": _state_of(fed.server),
         "callbacks": [_state_of(c) for c in fed.run.callbacks],
@@ -129,6 +131,7 @@ def rank_state(fed: Federation) -> dict[str, Any]:
 def restore_rank_state(fed: Federation, state: dict[str, Any]) -> None:
     """Load `rank_state` back (after setup and on_fit_start)."""
     fed.local_buffers.load_state_dict(state["local_buffers"])
+    fed.eval_models.load_state_dict(state.get("eval_bn", {}))
     if state["algorithm"] is not None:
         fed.run.algorithm.load_state_dict(state["algorithm"])
     if state["server"] is not None:
@@ -223,6 +226,7 @@ def reshard(fed: Federation, ranks: list[dict[str, Any]]) -> dict[str, Any]:
     first = ranks[0]
     state: dict[str, Any] = {
         "local_buffers": _owned([r["local_buffers"] for r in ranks], rank, world),
+        "eval_bn": _owned([r.get("eval_bn", {}) for r in ranks], rank, world),
         "algorithm": first["algorithm"],
         "server": first["server"],
         "callbacks": list(first["callbacks"]),

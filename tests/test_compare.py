@@ -55,9 +55,42 @@ def test_compare_table_and_plot(tmp_path):
     # comm in GB (10^9 bytes); runs without cost accounting show "-" for ratios and FLOPs
     gb = [f"{k * 1024 / 1e9:.3g}" for k in (3, 2, 1)]
     assert cells == [
-        ["fedavg", "FedAvg(mu=0.1)", "0.8000", "2", "0.7000", "3", gb[0], *"---", "12.5 s"],
-        [str(b), "FedProx(mu=0.1)", "0.7500", "2", "0.7500", "2", gb[1], *"---", "12.5 s"],
-        [str(c), "FedProx(mu=0.1)", "0.4000", "1", "0.4000", "1", gb[2], *"---", "running"],
+        [
+            "fedavg",
+            "FedAvg(mu=0.1)",
+            "averaged",
+            "0.8000",
+            "2",
+            "0.7000",
+            "3",
+            gb[0],
+            *"---",
+            "12.5 s",
+        ],
+        [
+            str(b),
+            "FedProx(mu=0.1)",
+            "averaged",
+            "0.7500",
+            "2",
+            "0.7500",
+            "2",
+            gb[1],
+            *"---",
+            "12.5 s",
+        ],
+        [
+            str(c),
+            "FedProx(mu=0.1)",
+            "averaged",
+            "0.4000",
+            "1",
+            "0.4000",
+            "1",
+            gb[2],
+            *"---",
+            "running",
+        ],
     ]
     assert run_labels([a, b, c]) == ["fedavg", str(b), str(c)]
     assert load_run(b, "b").curve == ([1, 2], [0.6, 0.75])
@@ -85,7 +118,7 @@ def test_at_rounds_reads_runs_as_if_they_had_stopped_there(tmp_path):
     cells = [[cell.strip() for cell in row] for row in rows]
     # best accuracy among the rounds up to N, communication accumulated until N, no wall time
     assert [c[0] for c in cells] == ["fedavg @1", "fedavg @3"]
-    assert [c[2:7] for c in cells] == [
+    assert [c[3:8] for c in cells] == [
         ["0.5000", "1", "0.5000", "1", f"{1024 / 1e9:.3g}"],
         ["0.8000", "2", "0.7000", "3", f"{3 * 1024 / 1e9:.3g}"],
     ]

@@ -364,11 +364,11 @@ def test_compare_shows_costs_and_a_resumed_run_has_the_same_totals(tmp_path, mon
 
     table, _ = compare_runs([whole.run_dir, resumed.run_dir], tmp_path / "cmp.png")
     header = [column.header for column in table.columns]
-    assert header[6:10] == ["comm GB", "comm ratio", "TFLOPs", "FLOPs ratio"]
+    assert header[7:11] == ["comm GB", "comm ratio", "TFLOPs", "FLOPs ratio"]
     cells = [list(column.cells) for column in table.columns]
     ratio = summaries[0]["comm_ratio"]
-    assert cells[7] == [f"{ratio:.3f}"] * 2 and 0 < ratio < 1
-    assert cells[8] == [f"{summaries[0]['train_flops'] / 1e12:.3g}"] * 2
+    assert cells[8] == [f"{ratio:.3f}"] * 2 and 0 < ratio < 1
+    assert cells[9] == [f"{summaries[0]['train_flops'] / 1e12:.3g}"] * 2
 
 
 def test_communication_plot_stacks_downloads_under_uploads_next_to_the_full_network():

@@ -214,7 +214,8 @@ def test_recombination_is_a_permutation_of_each_unit(tmp_path, unit, partitions)
     units = fed.server.layout.units
     calls_before = fed.comm.calls
     run_round(fed, 1)
-    assert fed.comm.calls - calls_before == 2  # the mean (evaluation round) and the all-to-all
+    # the mean (evaluation round), the all-to-all and the evaluation's per-batch sums
+    assert fed.comm.calls - calls_before == 3
     old, new = trained_slots(keep, 1), held_slots(fed)
     perms = unit_permutations(3, 1, PER_ROUND, len(units), partitions)
     blocks = unit_blocks(len(units), partitions)

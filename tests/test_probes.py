@@ -138,7 +138,7 @@ def test_an_unscheduled_probe_does_nothing(tmp_path):
     metrics = run_round(fed, 1)
     assert probe._probe_model is None and probe._taps == []
     assert not any("probe" in k for k in metrics) and probe.history == []
-    assert fed.comm.calls == 1  # the aggregation only
+    assert fed.comm.calls == 2  # the aggregation and the evaluation only
 
 
 @pytest.mark.parametrize(

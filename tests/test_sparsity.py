@@ -6,7 +6,6 @@ from functools import partial
 import pytest
 import torch
 import yaml
-from conftest import ROOT
 
 from callbacks.sparsity import (
     TransientSparsity,
@@ -16,6 +15,7 @@ from callbacks.sparsity import (
     kept_count,
     zero_lowest,
 )
+from conftest import ROOT
 from fedlit.cli import main
 from fedlit.engine import fit, run_round
 from fedlit.loggers import read_metrics

@@ -39,6 +39,18 @@ if TYPE_CHECKING:
     from fedlit.engine import Federation, RoundPlan
 
 
+BufferPolicy = Literal["average", "local"]
+BUFFER_POLICIES = ("average", "local")
+
+
+def check_buffers(buffers: str) -> None:
+    """Shared by the averaging algorithms: the engine only knows these two policies."""
+    if buffers not in BUFFER_POLICIES:
+        raise ValueError(
+            f"algorithm.buffers must be one of {list(BUFFER_POLICIES)}, got {buffers!r}"
+        )
+
+
 @runtime_checkable
 class Algorithm(Protocol):
     """A federated algorithm as the engine sees it.

@@ -8,14 +8,15 @@ every rank divides. No rank ever holds more than its own running sum.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedlit.algorithms.base import StepResult
+from fedlit.algorithms.base import BufferPolicy, StepResult, check_buffers
 from fedlit.comm import Communicator, FlatLayout, add_scaled, copy_into, named_tensors
+from fedlit.local_tensors import LocalClass, check_local
 
 if TYPE_CHECKING:
     from fedlit.engine import Federation, RoundPlan
@@ -27,11 +28,18 @@ class FedAvg:
     Args:
         buffers: "average" sends BatchNorm running statistics with the weights and averages them
             (most frameworks); "local" keeps each client's statistics on its rank and never sends
-            them (FedPart's and LIPS's official code, FedBN's spirit).
+            them (FedPart's official code); the same as listing bn_stats in `local`.
+        local: tensor classes each client keeps to itself (fedlit.local_tensors): bn_stats,
+            bn_affine, bias. FedBN: [bn_stats, bn_affine]; LIPS's official code shares only
+            conv and linear weights: [bn_stats, bn_affine, bias].
     """
 
-    def __init__(self, buffers: Literal["average", "local"] = "average") -> None:
+    def __init__(
+        self, buffers: BufferPolicy = "average", local: list[LocalClass] | None = None
+    ) -> None:
+        check_buffers(buffers)
         self.buffers = buffers
+        self.local = check_local(local, buffers)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(x), y)

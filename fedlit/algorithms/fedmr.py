@@ -80,6 +80,7 @@ class FedMR:
         self.unit = unit
         self.partitions = partitions
         self.buffers: Literal["average"] = "average"
+        self.local: tuple[str, ...] = ()  # slots are recombined whole: nothing stays local
         # each slot is recombined as a whole model: a round that trains only some layers
         # (FedPart's select_layers) has no meaning here, and the engine refuses the pairing
         self.partial_rounds = False

@@ -20,18 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedlit.algorithms.base import BufferPolicy, check_buffers
+from fedlit.local_tensors import LocalClass, check_local
+
 Variant = Literal["squared", "unsquared"]
-BufferPolicy = Literal["average", "local"]
 VARIANTS = ("squared", "unsquared")
-BUFFER_POLICIES = ("average", "local")
-
-
-def check_buffers(buffers: str) -> None:
-    """Shared by the regularised algorithms: the engine only knows these two policies."""
-    if buffers not in BUFFER_POLICIES:
-        raise ValueError(
-            f"algorithm.buffers must be one of {list(BUFFER_POLICIES)}, got {buffers!r}"
-        )
 
 
 def proximal_term(
@@ -61,10 +54,15 @@ class FedProx:
         variant: "squared" (the paper's (mu/2)||w - w_g||^2) or "unsquared" (mu times the sum
             over tensors of ||w - w_g||_2, FedPart's code base, where mu = 0.01).
         buffers: BatchNorm statistics policy, as for FedAvg ("average" or "local").
+        local: tensor classes each client keeps to itself, as for FedAvg.
     """
 
     def __init__(
-        self, mu: float = 0.01, variant: Variant = "squared", buffers: BufferPolicy = "average"
+        self,
+        mu: float = 0.01,
+        variant: Variant = "squared",
+        buffers: BufferPolicy = "average",
+        local: list[LocalClass] | None = None,
     ) -> None:
         if not mu >= 0:
             raise ValueError(f"algorithm.mu must be >= 0, got {mu}")
@@ -74,6 +72,7 @@ class FedProx:
         self.mu = float(mu)
         self.variant = variant
         self.buffers = buffers
+        self.local = check_local(local, buffers)
         self._params: list[nn.Parameter] = []
         self._anchor: list[torch.Tensor] = []
 

@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedlit.algorithms.fedprox import BufferPolicy, check_buffers
+from fedlit.algorithms.base import BufferPolicy, check_buffers
 from fedlit.clients import ClientStateStore
 from fedlit.comm import copy_into, named_tensors
+from fedlit.local_tensors import LocalClass, check_local
 from fedlit.models.layers import Layer, layers_from_modules
 
 
@@ -176,6 +177,7 @@ class MOON:
             until it has taken part that often); see docs/algorithms.md for how this differs
             from the official code's pool.
         buffers: BatchNorm statistics policy, as for FedAvg ("average" or "local").
+        local: tensor classes each client keeps to itself, as for FedAvg.
         offload: keep the stored previous models (and the initial model) on the CPU and move
             one back to the device only when its client trains.
     """
@@ -189,6 +191,7 @@ class MOON:
         history: int = 1,
         buffers: BufferPolicy = "average",
         offload: bool = False,
+        local: list[LocalClass] | None = None,
     ) -> None:
         if not mu >= 0:
             raise ValueError(f"algorithm.mu must be >= 0, got {mu}")
@@ -204,6 +207,7 @@ class MOON:
         self.projection_dim = projection_dim
         self.history = history
         self.buffers = buffers
+        self.local = check_local(local, buffers)
         self.offload = offload
         self._global: nn.Module | None = None  # frozen: the model the client received
         self._previous: list[nn.Module] = []  # frozen slots for the client's previous models

@@ -13,7 +13,7 @@ from typing import Literal, get_args
 DatasetName = Literal[
     "digits", "synthetic", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder"
 ]
-PartitionName = Literal["iid", "iid_overlap", "dirichlet", "shards", "natural"]
+PartitionName = Literal["iid", "iid_overlap", "dirichlet", "dirichlet_capped", "shards", "natural"]
 LocalTestName = Literal["none", "label_mix", "natural"]
 
 # Datasets that come with a per-client split of their own (FedProx Synthetic: one device per
@@ -66,7 +66,13 @@ class DataConfig:
     # Random rotation by an angle uniform in [-rotation, rotation] degrees, zero fill (FedPart's
     # CIFAR-100 setting: 15).
     rotation: float = 0.0
+    # Per-channel normalisation of images: with the training split's statistics unless
+    # norm_mean and norm_std are given (one value for all channels or one per channel, in [0, 1]
+    # pixel units; FedMR's code: 0.5 and 0.5); off: pixels in [0, 1] (FedPart's and LIPS's
+    # CIFAR-10 code).
     normalize: bool = True
+    norm_mean: list[float] | None = None
+    norm_std: list[float] | None = None
     # FedProx Synthetic(alpha, beta) (Li et al., MLSys 2020). Their generator draws a device's
     # sample count as floor(LogNormal(4, 2)) + 50, so 50 is the minimum per device.
     synthetic_alpha: float = 1.0
@@ -159,6 +165,27 @@ class DataConfig:
                 f"crop_padding={self.crop_padding}, hflip={self.hflip}, rotation={self.rotation} "
                 f"(use 0, false and 0)"
             )
+        if (self.norm_mean is None) != (self.norm_std is None):
+            raise ValueError(
+                "data.norm_mean and data.norm_std go together: set both (e.g. [0.5] and [0.5]) "
+                f"or neither, got norm_mean={self.norm_mean} and norm_std={self.norm_std}"
+            )
+        if self.norm_mean is not None:
+            if not self.normalize:
+                raise ValueError(
+                    "data.norm_mean / data.norm_std need data.normalize true (they replace the "
+                    "training split's statistics); with normalize false pixels stay in [0, 1]"
+                )
+            if self.dataset in VECTOR_DATASETS:
+                raise ValueError(
+                    f"data.norm_mean / data.norm_std normalise images; data.dataset="
+                    f"{self.dataset} holds feature vectors"
+                )
+            if not self.norm_mean or not all(s > 0 for s in self.norm_std):
+                raise ValueError(
+                    "data.norm_mean must be non-empty and every data.norm_std value > 0, got "
+                    f"norm_mean={self.norm_mean}, norm_std={self.norm_std}"
+                )
         if self.coarse_labels and self.dataset not in COARSE_LABEL_DATASETS:
             raise ValueError(
                 f"data.coarse_labels is only for {list(COARSE_LABEL_DATASETS)} (CIFAR-100's 20 "

@@ -9,7 +9,7 @@ random number comes from that generator, a client's batch stream is a function o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,8 @@ class DeviceData:
         hflip: bool = False,
         normalize: bool = True,
         rotation: float = 0.0,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.is_image = bundle.train.x.dtype == torch.uint8
@@ -56,9 +58,7 @@ class DeviceData:
         self._scale = self._shift = None
         if self.is_image:
             channels = bundle.train.x.shape[1]
-            use_stats = normalize and bundle.mean is not None and bundle.std is not None
-            mean = bundle.mean if use_stats else (0.0,) * channels
-            std = bundle.std if use_stats else (1.0,) * channels
+            mean, std = normalisation(bundle, normalize, mean, std)
             shape = (1, channels, 1, 1)
             mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(shape)
             std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(shape)
@@ -169,6 +169,36 @@ class DeviceData:
 
     def _normalize(self, x: Tensor) -> Tensor:
         return torch.addcmul(self._shift, x.float(), self._scale)
+
+
+def normalisation(
+    bundle: DataBundle,
+    normalize: bool,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) in [0, 1] pixel units: an explicit `mean`/`std` (one value for
+    every channel, or one per channel), else the training split's statistics, else none
+    (0 and 1) when `normalize` is off."""
+    channels = bundle.train.x.shape[1]
+    if not normalize:
+        return (0.0,) * channels, (1.0,) * channels
+    if mean is not None and std is not None:
+        explicit = []
+        for key, values in (("norm_mean", mean), ("norm_std", std)):
+            values = tuple(float(v) for v in values)
+            if len(values) == 1:
+                values = values * channels
+            if len(values) != channels:
+                raise ValueError(
+                    f"data.{key} has {len(values)} values; {bundle.name} images have "
+                    f"{channels} channel(s): give one value, or one per channel"
+                )
+            explicit.append(values)
+        return explicit[0], explicit[1]
+    if bundle.mean is None or bundle.std is None:
+        return (0.0,) * channels, (1.0,) * channels
+    return bundle.mean, bundle.std
 
 
 def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:

@@ -150,6 +150,56 @@ def _class_split_counts(
     )
 
 
+def dirichlet_capped(
+    labels: np.ndarray,
+    num_clients: int,
+    alpha: float,
+    rng: np.random.Generator,
+    min_samples: int,
+    max_attempts: int = 1000,
+) -> list[np.ndarray]:
+    """FedMR's label-skewed split (Hu et al., KDD 2024; `separate_data` in its official code).
+
+    Classes are dealt in order 0, 1, ...: each class's samples are shuffled and cut among the
+    clients in proportions drawn from Dir(alpha), except that a client already holding at least
+    N / num_clients samples (N the training set's size) gets no share of this class or any later
+    one; the other proportions are renormalised and the cut points are
+    floor(cumsum(p) * class size). The whole draw is repeated until every client has at least
+    `min_samples` (official: 10). The cap keeps the largest clients smaller than `dirichlet`'s.
+    """
+    labels = np.asarray(labels)
+    n, num_classes = len(labels), int(labels.max()) + 1
+    if num_clients * min_samples > n:
+        raise PartitionError(
+            f"dirichlet_capped: {num_clients} clients x data.min_samples={min_samples} needs "
+            f"{num_clients * min_samples} training samples, the training set has {n}; lower "
+            "data.min_samples or data.num_clients"
+        )
+    best = 0
+    for _ in range(max_attempts):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        sizes = np.zeros(num_clients, dtype=np.int64)
+        for c in range(num_classes):
+            pool = rng.permutation(np.flatnonzero(labels == c))
+            proportions = rng.dirichlet(np.full(num_clients, alpha))
+            proportions = proportions * (sizes < n / num_clients)
+            proportions = proportions / proportions.sum()
+            cuts = (np.cumsum(proportions) * len(pool)).astype(np.int64)[:-1]
+            for k, piece in enumerate(np.split(pool, cuts)):
+                parts[k].append(piece)
+                sizes[k] += len(piece)
+        smallest = int(sizes.min())
+        if smallest >= min_samples:
+            return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
+        best = max(best, smallest)
+    raise PartitionError(
+        f"dirichlet_capped: could not give each of the {num_clients} clients >= "
+        f"data.min_samples={min_samples} training samples in data.max_attempts={max_attempts} "
+        f"draws with data.alpha={alpha} (best draw: smallest client had {best}); lower "
+        "data.min_samples, raise data.alpha, use fewer clients or raise data.max_attempts"
+    )
+
+
 def _client_mix_counts(
     class_sizes: np.ndarray,
     num_clients: int,
@@ -270,6 +320,10 @@ def make_partition(config: DataConfig, bundle: DataBundle, seed: int) -> Partiti
             config.min_samples,
             config.samples_per_client,
             config.max_attempts,
+        )
+    elif config.partition == "dirichlet_capped":
+        train = dirichlet_capped(
+            labels, clients, config.alpha, rng, config.min_samples, config.max_attempts
         )
     elif config.partition == "shards":
         train = shards(labels, clients, config.shards_per_client, rng)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedlit.models.init import Init, check_init
 from fedlit.models.layers import Layer, layers_from_modules
 
 
@@ -20,6 +21,9 @@ class CNN(nn.Module):
 
     Layer map: one layer per conv or linear module: conv1, conv2, fc1, fc2, fc3.
     `features(x)` is the 84-d (`hidden[-1]`) output of fc2 after its ReLU.
+
+    `init="official"` is PyTorch's default init: FedMR's code (models/Nets.py, CNNCifar) runs
+    no init loop of its own.
     """
 
     def __init__(
@@ -30,8 +34,10 @@ class CNN(nn.Module):
         hidden: tuple[int, int] = (120, 84),
         kernel_size: int = 5,
         padding: int = 0,
+        init: Init = "pytorch",
     ) -> None:
         super().__init__()
+        check_init("CNN", init)
         if len(input_shape) != 3:
             raise ValueError(f"CNN needs an image input_shape (C, H, W), got {input_shape}")
         in_channels, height, width = input_shape

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedlit.models.init import Init, check_init, kaiming_fan_out
 from fedlit.models.layers import Layer, layers_from_modules
 
 
@@ -81,16 +82,25 @@ class ResNet8(nn.Module):
     10 layers in forward order: stem, s1.conv1, s1.conv2, s2.conv1, s2.conv2, s2.downsample,
     s3.conv1, s3.conv2, s3.downsample, fc; each conv layer holds its BN (affine parameters and
     running statistics). `features(x)` is the 256-d pooled output of stage 3.
+
+    `init="official"`: the init loop of the Fling ResNet FedPart's code uses
+    (fling/model/resnet.py): convs He normal fan-out for ReLU, BN weight 1 and bias 0, the
+    linear classifier PyTorch's default.
     """
 
-    def __init__(self, num_classes: int, input_shape: tuple[int, ...] = (3, 32, 32)) -> None:
+    def __init__(
+        self, num_classes: int, input_shape: tuple[int, ...] = (3, 32, 32), init: Init = "pytorch"
+    ) -> None:
         super().__init__()
+        check_init("ResNet8", init)
         self.stem = _imagenet_stem(_image_channels("ResNet8", input_shape))
         self.s1 = BasicBlock(64, 64, stride=1)
         self.s2 = BasicBlock(64, 128, stride=2)
         self.s3 = BasicBlock(128, 256, stride=2)
         self.fc = nn.Linear(256, num_classes)
         self.feature_dim = 256
+        if init == "official":
+            kaiming_fan_out(self)
 
     def features(self, x: Tensor) -> Tensor:
         x = self.s3(self.s2(self.s1(self.stem(x))))
@@ -114,6 +124,8 @@ class ResNet18(nn.Module):
     `stem="imagenet"` is the original 7x7 stride-2 conv with a max pool.
     21 layers in forward order: stem; for each block `s{i}.b{j}.conv1`, `s{i}.b{j}.conv2` and,
     for the first block of stages 2-4, `s{i}.b0.downsample`; fc. `features(x)` is 512-d.
+
+    `init="official"`: the Fling ResNet's init loop, as for ResNet8.
     """
 
     def __init__(
@@ -121,8 +133,10 @@ class ResNet18(nn.Module):
         num_classes: int,
         input_shape: tuple[int, ...] = (3, 32, 32),
         stem: Literal["cifar", "imagenet"] = "cifar",
+        init: Init = "pytorch",
     ) -> None:
         super().__init__()
+        check_init("ResNet18", init)
         in_channels = _image_channels("ResNet18", input_shape)
         if stem == "cifar":
             self.stem = nn.Sequential(
@@ -147,6 +161,8 @@ class ResNet18(nn.Module):
             previous = width
         self.fc = nn.Linear(512, num_classes)
         self.feature_dim = 512
+        if init == "official":
+            kaiming_fan_out(self)
 
     def features(self, x: Tensor) -> Tensor:
         x = self.stem(x)
@@ -217,8 +233,11 @@ class ResNet20(nn.Module):
 
     Departures from the official code: the final BN-ReLU is applied (the official code builds
     it but never calls it); pooling is adaptive (official: AvgPool2d(8)) so input sizes other
-    than 32x32 work; torch's default init is used instead of the official He-normal convs and
-    BN weights of 0.5.
+    than 32x32 work.
+
+    `init="official"`: the official code's init loop (models/Nets.py, ResNet_cifar): convs
+    N(0, sqrt(2 / (k * k * C_out))) (He normal, fan-out), BN weight 0.5 and bias 0, the linear
+    classifier PyTorch's default. The default "pytorch" keeps torch's own init.
     """
 
     def __init__(
@@ -227,8 +246,10 @@ class ResNet20(nn.Module):
         input_shape: tuple[int, ...] = (3, 32, 32),
         widths: tuple[int, ...] = (16, 32, 64),
         blocks: tuple[int, ...] = (2, 2, 2),
+        init: Init = "pytorch",
     ) -> None:
         super().__init__()
+        check_init("ResNet20", init)
         if len(widths) != len(blocks):
             raise ValueError(f"ResNet20 widths {widths} and blocks {blocks} differ in length")
         in_channels = _image_channels("ResNet20", input_shape)
@@ -246,6 +267,8 @@ class ResNet20(nn.Module):
         self.final_bn = nn.BatchNorm2d(previous)
         self.fc = nn.Linear(previous, num_classes)
         self.feature_dim = previous
+        if init == "official":
+            kaiming_fan_out(self, bn_weight=0.5)
 
     def features(self, x: Tensor) -> Tensor:
         x = self.stem(x)

@@ -12,6 +12,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
+from fedlit.models.init import Init, check_init, kaiming_fan_out
 from fedlit.models.layers import Layer, layers_from_modules
 
 VGG11_LIPS = (64, "M", 128, "M", 256, "M", 512, "M", 512, "M")
@@ -62,6 +63,9 @@ class VGG11(nn.Module):
 
     Layer map: conv1..convN (each conv with its BN), then fc. `features(x)` is the flattened
     conv output (512 * h * w).
+
+    `init="official"`: the init loop of the VGG in LIPS's code (fling/model/vgg.py): convs He
+    normal fan-out for ReLU with bias 0, BN weight 1 and bias 0, linear N(0, 0.01) with bias 0.
     """
 
     def __init__(
@@ -69,11 +73,15 @@ class VGG11(nn.Module):
         num_classes: int,
         input_shape: tuple[int, ...] = (3, 32, 32),
         cfg: tuple[int | str, ...] = VGG11_LIPS,
+        init: Init = "pytorch",
     ) -> None:
         super().__init__()
+        check_init("VGG11", init)
         self.body, self._convs, flat = _conv_body("VGG11", input_shape, tuple(cfg))
         self.fc = nn.Linear(flat, num_classes)
         self.feature_dim = flat
+        if init == "official":
+            kaiming_fan_out(self, linear_std=0.01)
 
     def features(self, x: Tensor) -> Tensor:
         return torch.flatten(self.body(x), 1)
@@ -91,6 +99,9 @@ class VGG16(nn.Module):
 
     Layer map: conv1..conv13 (each conv with its BN), fc1, fc2, fc3. `features(x)` is the
     `hidden`-d output of fc2 after its ReLU and dropout, i.e. the input of fc3.
+
+    `init="official"` is PyTorch's default init: FedMR's code (models/Nets.py, VGG16) runs no
+    init loop of its own.
     """
 
     def __init__(
@@ -99,8 +110,10 @@ class VGG16(nn.Module):
         input_shape: tuple[int, ...] = (3, 32, 32),
         hidden: int = 4096,
         dropout: float = 0.5,
+        init: Init = "pytorch",
     ) -> None:
         super().__init__()
+        check_init("VGG16", init)
         self.body, self._convs, flat = _conv_body("VGG16", input_shape, VGG16_CFG)
         self.fc1 = nn.Linear(flat, hidden)
         self.drop1 = nn.Dropout(dropout)
