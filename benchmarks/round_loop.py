@@ -31,12 +31,13 @@ import torch.distributed as dist
 
 from fedlit.algorithms import FedAvg
 from fedlit.clients import Stream, stream_seed, torch_generator
-from fedlit.config import LoggerConfig, TrainerConfig
+from fedlit.config import LoggerConfig, RunConfig, TrainerConfig
 from fedlit.data.config import DataConfig
 from fedlit.data.datasets import DataBundle, Split, channel_stats
 from fedlit.data.device import batch_bounds
 from fedlit.data.partition import Partition, iid
-from fedlit.engine import Loaded, RunConfig, make_fabric, run_round, setup
+from fedlit.engine import Loaded, run_round, setup
+from fedlit.launch import launch
 from fedlit.models import CNN, ResNet8
 from fedlit.models.layers import check_layer_map
 
@@ -185,8 +186,7 @@ def measure(case: Case) -> dict | None:
     """Run the case; returns its record on rank 0 (None on other ranks)."""
     run = make_run(case)
     loaded = load_case(case, run)
-    fabric = make_fabric(run)
-    fabric.launch()
+    fabric = launch(run)
     fed = setup(run, fabric, loaded)
     threads_per_rank = torch.get_num_threads()
     federated, plain = time_interleaved(fed, case)

@@ -19,18 +19,15 @@ state in a checkpoint.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from fedlit.clients import Stream, stream_seed
-from fedlit.loggers import read_metrics
+from fedlit.context import Context
 from fedlit.models.layers import Layer
 from fedlit.plots import save_figure
-
-if TYPE_CHECKING:
-    from fedlit.engine import Federation
 
 Order = Literal["forward", "reverse", "random"]
 ORDERS = ("forward", "reverse", "random")
@@ -82,7 +79,7 @@ class FedPartSchedule:
         self.layers = list(layers) if layers is not None else None
         self.seed = 0
         self._map: list[str] | None = None
-        self._fed: Federation | None = None
+        self._rounds = 0
 
     def check_layers(self, layers: list[Layer]) -> None:
         """Before any rank starts: `layers` must name layers the model has."""
@@ -94,10 +91,10 @@ class FedPartSchedule:
                 f"have; its layers are {names}"
             )
 
-    def on_fit_start(self, layers: list[Layer], federation: Federation) -> None:
-        self.seed = federation.run.seed
-        self._map = [layer.name for layer in layers]
-        self._fed = federation
+    def on_fit_start(self, context: Context) -> None:
+        self.seed = context.seed
+        self._map = [layer.name for layer in context.layers]
+        self._rounds = context.rounds
 
     def cycle_length(self, num_layers: int) -> int:
         """W + L * R rounds."""
@@ -136,17 +133,14 @@ class FedPartSchedule:
         chosen = self.layer_at(round, names) if names else None
         metrics["fedpart/layer"] = -1 if chosen is None else names.index(chosen)
 
-    def on_fit_end(self) -> None:
-        """plots/fedpart_schedule.png (rank 0): test accuracy over the trained layer, round by
-        round, read from metrics.jsonl so that a resumed run draws its whole history."""
-        fed = self._fed
-        if fed is None or fed.rank != 0 or not fed.run.logger.plots or self._map is None:
+    def draw(self, plots_dir: Path, history: list[dict[str, Any]]) -> None:
+        """plots/fedpart_schedule.png (rank 0, figures on): test accuracy over the trained
+        layer, round by round, over the whole history (a resumed run's too)."""
+        if self._map is None:
             return
-        metrics_path = Path(fed.run.run_dir) / "metrics.jsonl"
-        records = read_metrics(metrics_path) if metrics_path.is_file() else []
-        rounds = fed.run.trainer.rounds
-        trained = [self.layer_at(r, self._map) for r in range(1, rounds + 1)]
-        plot_schedule(records, self._map, trained, Path(fed.run.run_dir) / "plots")
+        records = [m for m in history if "test/acc" in m]
+        trained = [self.layer_at(r, self._map) for r in range(1, self._rounds + 1)]
+        plot_schedule(records, self._map, trained, plots_dir)
 
 
 def plot_schedule(

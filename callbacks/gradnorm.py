@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,12 +35,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from torch import nn
 
+from fedlit.context import Context
 from fedlit.data.device import batch_bounds
-from fedlit.models.layers import Layer
 from fedlit.plots import MAX_LEGEND_ENTRIES, save_figure
-
-if TYPE_CHECKING:
-    from fedlit.engine import Federation
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +308,7 @@ class GradientNorms:
         self.max_steps = max_steps
         self.plots = plots
         self.curves: GradNormCurves | None = None
-        self._fed: Federation | None = None
+        self._fed: Context | None = None
         self._rows: list[str] = [TOTAL]
         self._row_of: dict[str, int] = {}  # parameter name -> layer row
         self._capacity = 0
@@ -327,18 +324,19 @@ class GradientNorms:
 
     # ---- hooks -------------------------------------------------------------------------------
 
-    def on_fit_start(self, layers: list[Layer], federation: Federation) -> None:
-        self._fed = federation
+    def on_fit_start(self, context: Context) -> None:
+        self._fed = context
+        layers = context.layers
         if self.per_layer:
             self._rows = [layer.name for layer in layers] + [TOTAL]
             self._row_of = {p: i for i, layer in enumerate(layers) for p in layer.params}
         else:
             self._rows = [TOTAL]
             self._row_of = {p: 0 for layer in layers for p in layer.params}
-        trainer = federation.run.trainer
+        trainer = context.trainer
         longest = max(
             steps_per_round(n, trainer.batch_size, trainer.local_epochs)
-            for n in federation.client_sizes
+            for n in context.client_sizes
         )
         self._capacity = min(longest, self.max_steps or longest)
         if self.curves is None:  # not restored from a checkpoint
@@ -392,16 +390,18 @@ class GradientNorms:
         metrics.update(self.curves.jump())
         self._sums = self._counts = None
 
-    def on_fit_end(self) -> None:
-        fed = self._fed
-        if fed is None or fed.rank != 0 or self.curves is None or not len(self.curves.rounds):
+    def save(self, run_dir: Path) -> None:
+        """run_dir/gradnorm.npz (rank 0, at the end)."""
+        if self.curves is not None and len(self.curves.rounds):
+            self.curves.save(run_dir / FILENAME)
+
+    def draw(self, plots_dir: Path) -> None:
+        """The per-step figures (rank 0, figures on)."""
+        if not self.plots or self.curves is None or not len(self.curves.rounds):
             return
-        run_dir = Path(fed.run.run_dir)
-        self.curves.save(run_dir / FILENAME)
-        if self.plots and fed.run.logger.plots:
-            plot_gradnorm_steps(self.curves, run_dir / "plots" / "gradnorm_steps.png")
-            if self.per_layer:
-                plot_gradnorm_layers(self.curves, run_dir / "plots" / "gradnorm_layers.png")
+        plot_gradnorm_steps(self.curves, plots_dir / "gradnorm_steps.png")
+        if self.per_layer:
+            plot_gradnorm_layers(self.curves, plots_dir / "gradnorm_layers.png")
 
     # ---- state for resuming ------------------------------------------------------------------
 
@@ -416,7 +416,7 @@ class GradientNorms:
     # ---- internals ---------------------------------------------------------------------------
 
     def _device(self) -> torch.device:
-        return self._fed.fabric.device if self._fed is not None else torch.device("cpu")
+        return self._fed.device if self._fed is not None else torch.device("cpu")
 
     def _new_meter(self, named: list[tuple[str, nn.Parameter]]) -> tuple[StepNorms, torch.Tensor]:
         """A StepNorms for this set of trainable parameters, and the rows it trains (its layers

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -29,10 +29,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
+from fedlit.context import Context
 from fedlit.models.layers import Layer
-
-if TYPE_CHECKING:
-    from fedlit.engine import Federation
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +122,7 @@ class LayerInertia:
         self.include = include
         self.plots = plots
         self.history: list[dict[str, float]] = []
-        self._fed: Federation | None = None
+        self._context: Context | None = None
         self._names: dict[str, list[str]] = {}
         self._reference: dict[str, torch.Tensor] | None = None
         self._previous: dict[str, torch.Tensor] = {}
@@ -132,15 +130,16 @@ class LayerInertia:
 
     # ---- hooks -------------------------------------------------------------------------------
 
-    def on_fit_start(self, model: nn.Module, federation: Federation) -> None:
-        self._fed = federation
-        self._names = measured_tensors(model, federation.layers, self.include)
-        if self.reference_round > federation.run.trainer.rounds:
+    def on_fit_start(self, context: Context) -> None:
+        self._context = context
+        model = context.global_model
+        self._names = measured_tensors(model, context.layers, self.include)
+        if self.reference_round > context.rounds:
             log.warning(
                 "LayerInertia.reference_round=%d is after the last round (%d): the *_to_ref "
                 "metrics will not be logged",
                 self.reference_round,
-                federation.run.trainer.rounds,
+                context.rounds,
             )
         if not self._previous:  # not restored from a checkpoint
             self._previous = self._snapshot(model)
@@ -168,7 +167,7 @@ class LayerInertia:
                 self._grads[count + i] += 1.0
 
     def on_round_end(self, round: int, metrics: dict[str, Any]) -> None:
-        current = self._snapshot(self._fed.global_model)
+        current = self._snapshot(self._context.global_model)
         if self._reference is None and round == self.reference_round:
             self._reference = {k: v.clone() for k, v in current.items()}
         if self._measures(round):
@@ -177,13 +176,10 @@ class LayerInertia:
             self.history.append({"round": round, **values})
         self._previous = current
 
-    def on_fit_end(self) -> None:
-        fed = self._fed
-        if fed is None or fed.rank != 0 or not self.history:
+    def draw(self, plots_dir: Path) -> None:
+        """The heat maps (rank 0, with figures on)."""
+        if not (self.plots and self.history):
             return
-        if not (self.plots and fed.run.logger.plots):
-            return
-        plots_dir = Path(fed.run.run_dir) / "plots"
         layers = list(self._names)
         plot_heatmap(self.history, layers, "cosine_to_ref", plots_dir / "inertia_cosine.png")
         plot_heatmap(
@@ -220,10 +216,10 @@ class LayerInertia:
     # ---- internals ---------------------------------------------------------------------------
 
     def _device(self) -> torch.device:
-        return self._fed.fabric.device if self._fed is not None else torch.device("cpu")
+        return self._context.device if self._context is not None else torch.device("cpu")
 
     def _measures(self, round: int) -> bool:
-        last = self._fed is not None and round == self._fed.run.trainer.rounds
+        last = self._context is not None and round == self._context.rounds
         return round % self.every == 0 or last
 
     def _snapshot(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -243,7 +239,7 @@ class LayerInertia:
         grads = self._grads
         if grads is None:  # on_round_start did not run (e.g. measured outside the engine)
             grads = torch.zeros(2 * len(layers), dtype=torch.float64, device=self._device())
-        self._fed.comm.all_reduce_sum(grads)  # ONE collective per measured round
+        self._context.comm.all_reduce_sum(grads)  # ONE collective per measured round
         rows.append(grads)
         values = torch.cat(rows).tolist()
         self._grads = None

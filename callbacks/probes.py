@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,10 +43,8 @@ from callbacks.feature_stats import (
     relative_change,
 )
 from fedlit.clients import Stream, stream_seed
+from fedlit.context import Context
 from fedlit.models.layers import Layer
-
-if TYPE_CHECKING:
-    from fedlit.engine import Federation
 
 SPLITS = ("train", "test")
 SUMMARY_METRICS = ("ratio", "align", "cls_cos")
@@ -245,24 +243,23 @@ class LayerPeeledProbe:
         self.ridge = ridge
         self.plots = plots
         self.history: list[dict[str, Any]] = []
-        self._fed: Federation | None = None
+        self._fed: Context | None = None
         self._taps: list[Tap] = []
         self._classifier = ""
         self._active_splits: tuple[str, ...] = ()
         self._probe_model: nn.Module | None = None
         self._round_state: _RoundState | None = None
-        self._drawn_round = 0
 
     # ---- hooks -----------------------------------------------------------------------------
 
-    def on_fit_start(self, federation: Federation) -> None:
+    def on_fit_start(self, context: Context) -> None:
         if self.every == 0:
             return
-        fed = self._fed = federation
-        if isinstance(self.clients, list) and max(self.clients) >= fed.run.data.num_clients:
+        fed = self._fed = context
+        if isinstance(self.clients, list) and max(self.clients) >= fed.num_clients:
             raise ValueError(
                 f"LayerPeeledProbe.clients ids must be < data.num_clients="
-                f"{fed.run.data.num_clients}, got {self.clients}"
+                f"{fed.num_clients}, got {self.clients}"
             )
         has_test = fed.client_test_indices is not None
         # train first: the linear probe is fitted there and scored on test
@@ -307,7 +304,7 @@ class LayerPeeledProbe:
         keys = self.keys()
         sums = torch.zeros(3 * len(keys) + 2, dtype=torch.float64)
         for client, local in state.local.items():
-            model = self._fed.load_client_model(client, into=self._probe_model)
+            model = self._fed.receive(client, into=self._probe_model)
             received = self._measure(model, state.samples[client])
             for i, key in enumerate(keys):
                 l_value, g_value = local.get(key, math.nan), received.get(key, math.nan)
@@ -316,7 +313,7 @@ class LayerPeeledProbe:
         sums[-2] = len(state.local)
         sums[-1] = state.seconds + time.perf_counter() - started
         # one collective per probed round for every number of every layer
-        reduced = self._fed.comm.all_reduce_sum(sums.to(self._fed.fabric.device)).cpu()
+        reduced = self._fed.comm.all_reduce_sum(sums.to(self._fed.device)).cpu()
         values: dict[str, dict[str, dict[str, list[float]]]] = {}
         for i, (split, layer, metric) in enumerate(keys):
             l_sum, g_sum, count = (float(v) for v in reduced[3 * i : 3 * i + 3])
@@ -337,12 +334,6 @@ class LayerPeeledProbe:
             return
         self._round_state = None
         metrics.update(self.round_metrics(self.history[-1]))
-        if round == self._fed.run.trainer.rounds:
-            self._draw()
-
-    def on_fit_end(self) -> None:
-        if self.history and self._drawn_round != self.history[-1]["round"]:
-            self._draw()
 
     # ---- state for resuming ----------------------------------------------------------------
 
@@ -376,7 +367,7 @@ class LayerPeeledProbe:
             return set(clients) & set(self.clients)
         if self.clients >= len(clients):
             return set(clients)
-        rng = np.random.default_rng(stream_seed(self._fed.run.seed, Stream.PROBE, round_idx))
+        rng = np.random.default_rng(stream_seed(self._fed.seed, Stream.PROBE, round_idx))
         return {int(c) for c in rng.choice(clients, size=self.clients, replace=False)}
 
     def _subset(self, round_idx: int, client: int, split: str) -> Tensor:
@@ -385,7 +376,7 @@ class LayerPeeledProbe:
         indices = owned[client]
         if len(indices) <= self.samples:
             return indices
-        key = stream_seed(fed.run.seed, Stream.PROBE, round_idx, client, SPLITS.index(split))
+        key = stream_seed(fed.seed, Stream.PROBE, round_idx, client, SPLITS.index(split))
         chosen = np.random.default_rng(key).choice(len(indices), self.samples, replace=False)
         return indices[torch.as_tensor(np.sort(chosen), device=indices.device)]
 
@@ -438,7 +429,7 @@ class LayerPeeledProbe:
             model.eval()
             with torch.no_grad():
                 for x, y in fed.data.eval_batches(split, indices, self.batch_size):
-                    with fed.fabric.autocast():
+                    with fed.autocast():
                         model(x)
                     for layer, h in features.items():
                         if layer not in per_layer:
@@ -498,17 +489,15 @@ class LayerPeeledProbe:
                     metrics[f"probe/{position}_{metric}_rel_change"] = change
         return metrics
 
-    def _draw(self) -> None:
-        fed = self._fed
-        if fed is None or fed.rank != 0 or not self.plots or not self.history:
+    def draw(self, plots_dir: Path) -> None:
+        """The CFD curves of the last probed round and over rounds (rank 0, figures on)."""
+        if not self.plots or not self.history:
             return
-        plots_dir = Path(fed.run.run_dir) / "plots"
         layers = [tap.layer for tap in self._taps]
         plot_cfd(self.history[-1], layers, self._active_splits, plots_dir / "probe_cfd.png")
         plot_cfd_rounds(
             self.history, layers, self._active_splits[0], plots_dir / "probe_cfd_rounds.png"
         )
-        self._drawn_round = self.history[-1]["round"]
 
 
 @dataclass

@@ -29,16 +29,15 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from fedlit.clients import ClientStateStore, Stream, torch_generator
+from fedlit.clients import Stream
+from fedlit.context import Context
 from fedlit.models.layers import Layer
-
-if TYPE_CHECKING:
-    from fedlit.engine import Federation
+from fedlit.state import ClientStore
 
 log = logging.getLogger(__name__)
 
@@ -159,25 +158,23 @@ class TransientSparsity:
         self.initial_density = float(initial_density)
         self.score = score
         self.offload = offload
-        self._fed: Federation | None = None
+        self._context: Context | None = None
         self._eligible: dict[str, str] = {}
         self._layers: list[str] = []
         self._layer_index: dict[str, int] = {}
-        self._grads: ClientStateStore | None = None
-        self._pending: dict[int, dict[str, torch.Tensor]] | None = None
+        self._grads: ClientStore | None = None
         self._counts: torch.Tensor | None = None
 
     # ---- hooks -------------------------------------------------------------------------------
 
-    def on_fit_start(self, model: nn.Module, layers: list[Layer], federation: Federation) -> None:
-        self._fed = federation
-        self._eligible = eligible_tensors(model, layers)
+    def on_fit_start(self, context: Context) -> None:
+        self._context = context
+        model = context.global_model
+        self._eligible = eligible_tensors(model, context.layers)
         self._layers = list(dict.fromkeys(self._eligible.values()))
         self._layer_index = {layer: i for i, layer in enumerate(self._layers)}
-        self._grads = ClientStateStore(federation.fabric.device, offload=self.offload)
-        if self._pending is not None:
-            self._grads.load_state_dict(self._pending)
-            self._pending = None
+        # each client's gradient from its last local minibatch, on its own rank
+        self._grads = context.state.store("sparsity/grads", offload=self.offload)
         if not self._eligible:
             log.warning(
                 "TransientSparsity: %s has no eligible conv weight (conv weights outside the "
@@ -189,7 +186,7 @@ class TransientSparsity:
         """The density of the event of `round` (1 on rounds that are not sparsity rounds)."""
         if not is_scheduled(round, self.period):
             return 1.0
-        horizon = self.horizon or self._fed.run.trainer.rounds
+        horizon = self.horizon or self._context.rounds
         return density_at(round, horizon, self.initial_density)
 
     def event_trained_in(self, round: int) -> int | None:
@@ -202,7 +199,7 @@ class TransientSparsity:
         if self.event_trained_in(round) is not None:
             # [kept per layer..., numel per layer..., clients, clients scored by their gradient]
             size = 2 * len(self._layers) + 2
-            self._counts = torch.zeros(size, dtype=torch.float64, device=self._fed.fabric.device)
+            self._counts = torch.zeros(size, dtype=torch.float64, device=self._context.device)
 
     def on_client_receive(self, round: int, client: int, model: nn.Module) -> None:
         """After round `round`'s aggregation (timing "after_aggregation"): sparsify the copy of
@@ -236,10 +233,7 @@ class TransientSparsity:
         stored = self._grads.get(client) if self.score == "grad_weight" else None
         generator = None
         if self.score == "random":
-            device = next(model.parameters()).device
-            generator = torch_generator(
-                self._fed.run.seed, Stream.SPARSITY, round, client, device=device
-            )
+            generator = self._context.generator(Stream.SPARSITY, round, client)
         for name in self._eligible:
             weight = params[name]
             # A frozen weight (partial training) could not regrow and is not sent back: leave it.
@@ -263,24 +257,9 @@ class TransientSparsity:
         event = self.event_trained_in(round)
         if event is None or self._counts is None:
             return
-        counts = self._fed.comm.all_reduce_sum(self._counts).tolist()  # one collective
+        counts = self._context.comm.all_reduce_sum(self._counts).tolist()  # one collective
         self._counts = None
         metrics.update(self._metrics(event, counts))
-
-    # ---- state for resuming ------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """The stored gradients of the clients this rank owns, as CPU tensors."""
-        if self._grads is None:
-            return {"grads": dict(self._pending or {})}
-        return {"grads": self._grads.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        grads = {int(c): dict(t) for c, t in state["grads"].items()}
-        if self._grads is None:  # before on_fit_start: applied once the device is known
-            self._pending = grads
-        else:
-            self._grads.load_state_dict(grads)
 
     # ---- internals ---------------------------------------------------------------------------
 

@@ -22,16 +22,11 @@ from jsonargparse import (
 )
 
 from fedlit.algorithms import Algorithm, FedAvg
-from fedlit.config import LoggerConfig, TrainerConfig
+from fedlit.config import LoggerConfig, ModelFactory, RunConfig, TrainerConfig
 from fedlit.data.config import DataConfig
-from fedlit.engine import (
-    DivergenceError,
-    ModelFactory,
-    RunConfig,
-    prepare,
-    train,
-)
+from fedlit.engine import DivergenceError, prepare, train
 from fedlit.resume import load_for_resume, resolve_resume
+from fedlit.server import ServerOptimizer
 
 SUBCOMMANDS = {
     "fit": "Run federated training.",
@@ -48,6 +43,7 @@ def run_arguments(
     model: ModelFactory | None = None,
     algorithm: Algorithm = lazy_instance(FedAvg),  # noqa: B008
     callbacks: list[object] | None = None,
+    server_optimizer: ServerOptimizer | None = None,
     logger: LoggerConfig = LoggerConfig(),  # noqa: B008
 ) -> None:
     """The sections of a fedlit config.
@@ -61,6 +57,9 @@ def run_arguments(
             the data) and its init_args.
         algorithm: class_path of the federated algorithm and its init_args.
         callbacks: Plain objects with hook methods (class_path/init_args each).
+        server_optimizer: How the server steps towards the clients' average (fedlit.server:
+            ServerSGD with lr and momentum, i.e. FedAvgM; FedAdam, FedYogi, FedAdagrad); null
+            takes the average itself (FedAvg).
         logger: Console output, plots and the Weights & Biases run.
     """
 
@@ -193,6 +192,7 @@ def to_run_config(parser: ArgumentParser, cfg: Namespace) -> RunConfig:
         model=init.model,
         algorithm=init.algorithm,
         callbacks=callbacks,
+        server_optimizer=init.server_optimizer,
         logger=init.logger,
         config_yaml=config_yaml,
     )

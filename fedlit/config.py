@@ -1,15 +1,23 @@
-"""The `trainer` and `logger` sections of a run's config (data has its own, in fedlit.data)."""
+"""A run's config as objects: the `trainer` and `logger` sections, and `RunConfig`, everything
+`fedlit fit` needs once the config is parsed and instantiated (data has its own section class,
+in fedlit.data)."""
 
 from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from torch import nn
 
 from fedlit.eval_bn import parse_protocols
+
+if TYPE_CHECKING:
+    from fedlit.data.config import DataConfig
+    from fedlit.server import ServerOptimizer
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 
@@ -129,3 +137,23 @@ class LoggerConfig:
     quiet: bool = False
     plots: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+ModelFactory = Callable[[int, tuple[int, ...]], nn.Module]
+
+
+@dataclass
+class RunConfig:
+    """Everything `fedlit fit` needs, as parsed and instantiated from the config."""
+
+    seed: int
+    run_dir: Path
+    trainer: TrainerConfig
+    data: DataConfig
+    model: ModelFactory
+    algorithm: Any
+    callbacks: list[Any] = field(default_factory=list)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    server_optimizer: ServerOptimizer | None = None
+    config_yaml: str = ""
+    resume: dict[str, Any] | None = None  # a checkpoint loaded by fedlit.resume.load_for_resume

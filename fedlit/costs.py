@@ -39,14 +39,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedlit.algorithms.base import call_optional
 from fedlit.comm import FlatLayout
+from fedlit.hooks import call
 from fedlit.local import freeze_inactive
 from fedlit.models.layers import Layer
 
 if TYPE_CHECKING:
     from fedlit.algorithms.base import StepResult
-    from fedlit.engine import Federation, RoundPlan
+    from fedlit.context import Context, RoundPlan
 
 NEVER = -1  # a client's model version before its first download
 GB = 10**9
@@ -306,16 +306,16 @@ class CostTracker:
         self.totals = {"bytes": 0, "full_bytes": 0, "flops": 0, "full_flops": 0}
 
     @classmethod
-    def for_federation(cls, fed: Federation) -> CostTracker:
-        run = fed.run
+    def for_run(cls, context: Context, algorithm: Any, local_names: Collection[str]) -> CostTracker:
         ledger = CommLedger(
-            [layer.name for layer in fed.layers],
-            layer_sent_bytes(fed.global_model, fed.layers, fed.local_names),
-            run.data.num_clients,
+            [layer.name for layer in context.layers],
+            layer_sent_bytes(context.global_model, context.layers, local_names),
+            context.num_clients,
         )
-        flops = StepFlops(fed.global_model, fed.data.input_shape, run.trainer.batch_size)
-        samples = [n * run.trainer.local_epochs for n in fed.client_sizes]
-        return cls(ledger, flops, samples, run.algorithm)
+        trainer = context.trainer
+        flops = StepFlops(context.global_model, context.data.input_shape, trainer.batch_size)
+        samples = [n * trainer.local_epochs for n in context.client_sizes]
+        return cls(ledger, flops, samples, algorithm)
 
     @property
     def comm_bytes(self) -> int:
@@ -328,7 +328,7 @@ class CostTracker:
     def frozen_flops(self, client: int) -> int:
         """FLOPs per sample of the algorithm's frozen forward passes for `client` this round
         (MOON's global and previous models); the same whatever the client trains."""
-        extra = call_optional(self.algorithm, "frozen_forwards", taken_part=self.taken_part[client])
+        extra = call(self.algorithm, "frozen_forwards", taken_part=self.taken_part[client])
         return extra * self.flops.features() if extra else 0
 
     def ratios(self) -> tuple[float, float]:

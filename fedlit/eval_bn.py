@@ -27,17 +27,20 @@ import copy
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fedlit.clients import ClientStateStore, Stream, owner, torch_generator
-from fedlit.comm import Communicator, copy_into, named_tensors
+from fedlit.clients import Stream, owner, torch_generator
+from fedlit.comm import copy_into, named_tensors
 from fedlit.data.device import DeviceData
 from fedlit.local_tensors import bn_stat_names
+
+if TYPE_CHECKING:
+    from fedlit.context import Context
 
 PROTOCOL_FORMS = "'averaged', 'client:K' (K a client id) or 'recalibrated'"
 _CLIENT = re.compile(r"client:(\d+)")
@@ -140,29 +143,23 @@ class EvalModels:
     """The model each protocol tests, built from the global model on every evaluation round.
 
     Keeps, on the rank that owns each client named by a `client:K` protocol, that client's BN
-    statistics and local tensors from its latest local training (`client_end`); they are part
-    of the rank's checkpoint state, keyed by client, so they survive resume and resharding.
+    statistics and local tensors from its latest local training (`client_end`), in the client
+    store "eval_bn", so they survive resume and resharding.
     """
 
     def __init__(
-        self,
-        protocols: Sequence[Protocol],
-        global_model: nn.Module,
-        local_names: set[str],
-        comm: Communicator,
-        rank: int,
-        device: torch.device,
+        self, protocols: Sequence[Protocol], context: Context, local_names: set[str]
     ) -> None:
         self.protocols = list(protocols)
-        self.global_model = global_model
-        self.comm = comm
-        self.rank = rank
+        self.global_model = global_model = context.global_model
+        self.comm = context.comm
+        self.rank = context.rank
         self.has_bn = bool(bn_modules(global_model))
         self.watched = {p.client for p in self.protocols if p.kind == "client"}
         kept = set(bn_stat_names(global_model)) | local_names
         tensors = dict(global_model.named_parameters()) | dict(global_model.named_buffers())
         self.kept_names = [name for name in tensors if name in kept]
-        self.kept = ClientStateStore(device)
+        self.kept = context.state.store("eval_bn")
         needs_copy = self.has_bn and any(p.kind != "averaged" for p in self.protocols)
         self.scratch = copy.deepcopy(global_model) if needs_copy else None
 
@@ -213,12 +210,6 @@ class EvalModels:
         chunks = torch.split(flat[:-1], sizes)
         values = [c.view_as(t).to(t.dtype) for c, t in zip(chunks, targets, strict=True)]
         copy_into(targets, values)
-
-    def state_dict(self) -> dict[int, dict[str, torch.Tensor]]:
-        return self.kept.state_dict()
-
-    def load_state_dict(self, state: dict[int, dict[str, torch.Tensor]]) -> None:
-        self.kept.load_state_dict(state)
 
 
 def recalibration_indices(

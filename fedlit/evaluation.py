@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,9 @@ from torch import nn
 
 from fedlit.comm import Communicator
 from fedlit.data.device import DeviceData
+
+if TYPE_CHECKING:
+    from fedlit.context import Context
 
 
 @torch.no_grad()
@@ -118,3 +122,31 @@ class SpreadOverClients:
             metrics[f"{prefix}/{name}"] = mean
             metrics[f"{prefix}/{name}_std"] = math.sqrt(max(0.0, squares / count - mean * mean))
         return metrics
+
+
+@torch.no_grad()
+def final_client_accuracy(
+    context: Context, receive: Callable[[int], nn.Module]
+) -> tuple[list[float], str]:
+    """Accuracy of the final model each client receives (`receive(client)` loads it), on its
+    local test split (its training data when there is none), and that split's name. Each rank
+    scores the clients it owns; one all-reduce of (correct, count) per client gives every rank
+    every client's number."""
+    split, parts = "test", context.client_test_indices
+    if parts is None:
+        split, parts = "train", context.client_indices
+    n = len(parts)
+    scores = torch.zeros(2 * n, dtype=torch.float64, device=context.device)
+    for client in context.owned(list(range(n))):
+        model = receive(client)
+        model.eval()
+        for x, y in context.data.eval_batches(
+            split, parts[client], context.trainer.eval_batch_size
+        ):
+            with context.autocast():
+                logits = model(x)
+            scores[client] += (logits.argmax(dim=1) == y).sum()
+            scores[n + client] += y.numel()
+    context.comm.all_reduce_sum(scores)
+    correct, count = scores[:n].tolist(), scores[n:].tolist()
+    return [c / max(k, 1.0) for c, k in zip(correct, count, strict=True)], split

@@ -34,11 +34,13 @@ def train_client(
     algorithm: Algorithm,
     autocast: Callable[[], AbstractContextManager],
     on_batch_end: Callable[[int, torch.Tensor], None] | None = None,
+    before_step: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Run the client's optimisation steps; returns (summed loss as a device tensor, steps).
 
-    The summed loss stays on the device so the loop never waits for the GPU; the caller reads it
-    once per round.
+    `before_step()` runs between each backward and its optimizer step (gradient corrections,
+    SCAFFOLD). The summed loss stays on the device so the loop never waits for the GPU; the
+    caller reads it once per round.
     """
     model.train()
     loss_sum = torch.zeros((), device=next(model.parameters()).device)
@@ -48,6 +50,8 @@ def train_client(
         with autocast():
             loss = algorithm.loss(model, x, y)
         loss.backward()
+        if before_step is not None:
+            before_step()
         optimizer.step()
         loss_sum += loss.detach().float()
         if on_batch_end is not None:

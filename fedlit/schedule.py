@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.table import Table
 
-from fedlit.algorithms.base import call_optional
+from fedlit.hooks import call, defines
 from fedlit.loggers import human_bytes
 
 MAX_ROWS = 24  # longer schedules show their first segments; schedule.json has them all
@@ -33,7 +33,7 @@ class Segment:
 
 def layer_selectors(callbacks: list[Any]) -> list[Any]:
     """The callbacks that answer `select_layers`."""
-    return [c for c in callbacks if callable(getattr(c, "select_layers", None))]
+    return [c for c in callbacks if defines(c, "select_layers")]
 
 
 def selects_layers(callbacks: list[Any]) -> bool:
@@ -45,7 +45,7 @@ def layers_of_round(callbacks: list[Any], layer_names: list[str], round_idx: int
     communicated (None leaves the answer so far); the last answer wins."""
     active = list(layer_names)
     for callback in callbacks:
-        answer = call_optional(callback, "select_layers", round=round_idx, layers=layer_names)
+        answer = call(callback, "select_layers", round=round_idx, layers=layer_names)
         if answer is not None:
             active = list(answer)
     return active

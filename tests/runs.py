@@ -12,9 +12,11 @@ from typing import Any
 import torch
 
 from fedlit.algorithms import FedAvg
-from fedlit.config import LoggerConfig, TrainerConfig, WandbConfig
+from fedlit.config import LoggerConfig, RunConfig, TrainerConfig, WandbConfig
+from fedlit.context import Context
 from fedlit.data.config import DataConfig
-from fedlit.engine import Federation, RunConfig, prepare
+from fedlit.engine import Federation, prepare
+from fedlit.hooks import call_all
 
 
 def tiny_run(
@@ -51,12 +53,44 @@ def tiny_run(
     )
 
 
+def context_for(model: torch.nn.Module, **fields: Any) -> Context:
+    """A Context for unit tests of a method or callback without an engine: one CPU rank,
+    `model` as the global model with its layer map, an empty client-state registry; `fields`
+    override the rest (`trainer`, `num_clients`, `per_round`, ...)."""
+    from contextlib import nullcontext
+
+    from fedlit.comm import Communicator
+    from fedlit.state import ClientState
+
+    settings: dict[str, Any] = dict(
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
+        seed=0,
+        run_dir=Path("unused"),
+        trainer=TrainerConfig(),
+        plots=False,
+        num_clients=4,
+        per_round=4,
+        global_model=model,
+        layers=model.layer_map() if hasattr(model, "layer_map") else [],
+        data=None,
+        client_indices=[],
+        client_test_indices=None,
+        client_sizes=[],
+        comm=Communicator(1),
+        state=ClientState(torch.device("cpu")),
+        autocast=nullcontext,
+        _receive=None,
+    )
+    settings.update(fields)
+    return Context(**settings)
+
+
 def start(run: RunConfig) -> Federation:
     """prepare + on_fit_start, as `fit` does before its first round."""
     fed = prepare(run)
-    fed.fabric.call(
-        "on_fit_start", fabric=fed.fabric, model=fed.global_model, layers=fed.layers, federation=fed
-    )
+    call_all(run.callbacks, "on_fit_start", context=fed.context)
     return fed
 
 

@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from fedlit.clients import (
-    ClientStateStore,
     Stream,
     clients_per_round,
     owned_clients,
@@ -73,16 +72,3 @@ def test_clients_per_round_resolution_and_errors():
         clients_per_round(10, 5, 0.5)
     with pytest.raises(ValueError, match=r"trainer.client_fraction must be in \(0, 1\]"):
         clients_per_round(10, None, 1.5)
-
-
-def test_client_state_store_copies_and_offloads():
-    store = ClientStateStore(torch.device("cpu"), offload=True)
-    t = torch.ones(3)
-    store.put(4, {"bn.running_mean": t})
-    t.add_(1)
-    assert torch.equal(store.get(4)["bn.running_mean"], torch.ones(3))
-    assert 4 in store and 5 not in store and len(store) == 1
-    assert store.get(5) is None
-    restored = ClientStateStore(torch.device("cpu"))
-    restored.load_state_dict(store.state_dict())
-    assert torch.equal(restored.get(4)["bn.running_mean"], torch.ones(3))

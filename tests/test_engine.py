@@ -223,8 +223,8 @@ def test_local_bn_buffers_stay_with_each_client(tmp_path):
     run = make_run(tmp_path, rounds=1, model=ResNet8, buffers="local", personal_eval=False)
     fed = prepare(run)
     metrics = run_round(fed, 1)
-    assert len(fed.local_buffers) == 6
-    means = [fed.local_buffers.get(c)["stem.bn.running_mean"] for c in range(6)]
+    assert len(fed.local) == 6
+    means = [fed.local.get(c)["stem.bn.running_mean"] for c in range(6)]
     assert not torch.allclose(means[0], means[1])
     # only parameters travel: BN statistics are not counted as communication
     n_params = sum(p.numel() for p in fed.global_model.parameters())

@@ -263,7 +263,7 @@ def test_local_parameters_are_never_reduced_or_counted_and_stay_with_their_clien
         assert torch.equal(params[name], initial[name]), name
     assert not torch.equal(params["fc.weight"], initial["fc.weight"])
     # each client holds its own trained local tensors and receives them back
-    own = fed.local_buffers.get(0)
+    own = fed.local.get(0)
     assert set(own) == local_names
     assert not torch.equal(own["fc.bias"], initial["fc.bias"])
     received = fed.load_client_model(0)
@@ -310,7 +310,7 @@ def numbers(run_dir: Path) -> tuple[list[dict], dict[str, torch.Tensor], dict]:
         for m in read_metrics(run_dir / "metrics.jsonl")
     ]
     state = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    local = {c: t for r in state["ranks"] for c, t in r["local_buffers"].items()}
+    local = state["clients"].get("local", {})
     return metrics, state["model"], local
 
 

@@ -3,6 +3,7 @@ bytes, and the same slots with 1 and 2 ranks."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -27,6 +28,7 @@ from fedlit.config import LoggerConfig, TrainerConfig
 from fedlit.data.config import DataConfig
 from fedlit.engine import RunConfig, plan_round, prepare, run_round
 from fedlit.models import CNN, VGG11, ResNet20
+from fedlit.state import ClientState
 from runs import free_port, join_as_torchrun_rank
 
 NUM_CLIENTS, PER_ROUND = 6, 4
@@ -83,9 +85,9 @@ def trained_slots(keep: KeepTrained, round_idx: int, when: str = "trained") -> l
 
 
 def held_slots(fed) -> list[torch.Tensor]:
-    slots = fed.server.state_dict()["slots"]
+    slots = fed.server.slots
     assert sorted(slots) == list(range(PER_ROUND))  # one rank holds every slot
-    return [slots[i] for i in range(PER_ROUND)]
+    return [slots[i].clone() for i in range(PER_ROUND)]
 
 
 # --- settings ----------------------------------------------------------------------------------
@@ -240,6 +242,10 @@ def test_recombination_is_a_permutation_of_each_unit(tmp_path, unit, partitions)
     received = trained_slots(keep, 2, "received")
     assert all(torch.equal(a, b) for a, b in zip(received, new, strict=True))
     assert fed.server.pending and fed.server.state_dict()["round"] == 2
+    # the held slots are client state, keyed by the client that trains each next
+    clients = sample_clients(3, 2, NUM_CLIENTS, PER_ROUND)
+    store = fed.context.state.store("fedmr/slots")
+    assert store.clients() == sorted(clients)
 
 
 def test_warm_up_rounds_are_fedavg_with_equal_weights(tmp_path):
@@ -279,20 +285,25 @@ def test_state_dict_round_trip_and_resume_past_the_last_round(tmp_path):
     run_round(fed, 1)
     state = fed.server.state_dict()
     assert state["round"] == 1 and state["pending"]  # the last round's slots were not moved
-    fresh = FedMR().make_server(fed)
+    saved = fed.context.state.state_dict()
+    held = {i: s.clone() for i, s in fed.server.slots.items()}
+    # a fresh server on a fresh registry, as a resumed process has: the slots come back
+    fresh_context = dataclasses.replace(fed.context, state=ClientState(torch.device("cpu")))
+    fresh = FedMR().make_server(fresh_context)
+    fresh_context.state.load_state_dict(saved, fresh_context.owns)
     fresh.load_state_dict(state)
-    assert all(torch.equal(fresh.slots[i], state["slots"][i]) for i in range(PER_ROUND))
-    bad = dict(state, slots={i: state["slots"][i] for i in range(PER_ROUND - 1)})
-    with pytest.raises(ValueError, match="resume with the same number of ranks"):
-        fresh.load_state_dict(bad)
+    assert all(torch.equal(fresh.slots[i], held[i]) for i in range(PER_ROUND))
+    first = sample_clients(3, 1, NUM_CLIENTS, PER_ROUND)[0]
+    del saved["fedmr/slots"][first]
+    fresh_context.state.load_state_dict(saved, fresh_context.owns)
+    with pytest.raises(ValueError, match=f"no FedMR slot of .* for client {first} of round 1"):
+        fresh.load_state_dict(state)
     # a run extended past its last round recombines the held slots when the next round starts
     fed.run.trainer.rounds = 2
     run_round(fed, 2)
     assert fed.server.round == 2 and fed.server.pending  # round 2 is the new last round
     perms = unit_permutations(3, 1, PER_ROUND, len(fed.server.layout.units))
-    expected = recombine(
-        [state["slots"][i] for i in range(PER_ROUND)], perms, fed.server.layout.units
-    )
+    expected = recombine([held[i] for i in range(PER_ROUND)], perms, fed.server.layout.units)
     received = trained_slots(keep, 2, "received")
     assert all(torch.equal(a, b) for a, b in zip(received, expected, strict=True))
 
@@ -319,7 +330,7 @@ def run_rounds(fed, rounds: int) -> dict:
     slots, exchanged = [], []
     for round_idx in range(1, rounds + 1):
         run_round(fed, round_idx)
-        slots.append(fed.server.state_dict()["slots"])
+        slots.append({i: s.clone() for i, s in fed.server.slots.items()})
         exchanged.append(fed.server.exchange_bytes)
     return {
         "slots": slots,

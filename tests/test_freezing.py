@@ -209,11 +209,9 @@ def test_a_partial_round_changes_and_counts_only_the_chosen_layer(tmp_path, buff
     run.callbacks.append(recorder)
     fed = start(run)
     run_round(fed, 1)  # full warm-up round
-    layer = next(layer for layer in fed.layers if layer.name == "s2.conv1")
+    layer = next(layer for layer in fed.context.layers if layer.name == "s2.conv1")
     before = state(fed.global_model)
-    locals_before = (
-        {c: dict(fed.local_buffers.get(c)) for c in range(3)} if buffers == "local" else {}
-    )
+    locals_before = {c: dict(fed.local.get(c)) for c in range(3)} if buffers == "local" else {}
     run_round(fed, 2)
     metrics = run_round(fed, 3)  # the layer's second round: clients already hold the rest
     # only the chosen layer's parameters moved. BN statistics: averaged with the weights, the
@@ -233,9 +231,9 @@ def test_a_partial_round_changes_and_counts_only_the_chosen_layer(tmp_path, buff
     if buffers == "local":
         # the whole network stays in train mode: frozen layers' BN statistics keep updating
         # on each client, and are kept there
-        stem_mean = next(b for b in fed.layers[0].buffers if b.endswith("running_mean"))
+        stem_mean = next(b for b in fed.context.layers[0].buffers if b.endswith("running_mean"))
         for client in range(3):
-            now = fed.local_buffers.get(client)[stem_mean]
+            now = fed.local.get(client)[stem_mean]
             assert not torch.equal(now, locals_before[client][stem_mean])
 
 
@@ -248,9 +246,9 @@ def test_fedpart_composes_with_fedprox_and_moon(tmp_path, algorithm):
     schedule = FedPartSchedule(warmup_rounds=1, rounds_per_layer=1)
     fed = start(bn_run(tmp_path, algorithm, schedule, rounds=3))
     run_round(fed, 1)
-    names = [layer.name for layer in fed.layers]
+    names = [layer.name for layer in fed.context.layers]
     assert names[-1] == "classifier" if isinstance(algorithm, MOON) else names[-1] == "fc"
-    for round_idx, layer in ((2, fed.layers[0]), (3, fed.layers[1])):
+    for round_idx, layer in ((2, fed.context.layers[0]), (3, fed.context.layers[1])):
         assert schedule.select_layers(round_idx, names) == [layer.name]
         before = state(fed.global_model)
         metrics = run_round(fed, round_idx)

@@ -57,7 +57,8 @@ class Snapshots:
         self.models = {}
         self.grad_norms = {}
 
-    def on_fit_start(self, model):
+    def on_fit_start(self, context):
+        model = context.global_model
         self.model = model
         self.models[0] = {k: v.detach().clone() for k, v in model.named_parameters()}
 
@@ -79,8 +80,8 @@ class CommCalls:
     def __init__(self):
         self.calls = []
 
-    def on_fit_start(self, federation):
-        self.comm = federation.comm
+    def on_fit_start(self, context):
+        self.comm = context.comm
 
     def on_round_end(self):
         self.calls.append(self.comm.calls)

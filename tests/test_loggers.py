@@ -55,7 +55,12 @@ def test_run_round_reports_each_of_its_clients(tmp_path):
         make_run(tmp_path, rounds=1, personal_eval=False, clients_per_round=4, cpu_threads=1)
     )
     seen = []
-    run_round(fed, 1, on_client_done=lambda done, total: seen.append((done, total)))
+
+    class Progress:  # a rank-0 observer of the round loop
+        def on_client_done(self, done, total):
+            seen.append((done, total))
+
+    run_round(fed, 1, observers=[Progress()])
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
 

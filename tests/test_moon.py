@@ -14,9 +14,11 @@ from torch import nn
 from fedlit.algorithms import MOON, FedAvg
 from fedlit.algorithms.moon import MoonModel, contrastive_loss
 from fedlit.clients import owner
-from fedlit.engine import RunConfig, leave_process_group, prepare, run_round
+from fedlit.config import RunConfig
+from fedlit.engine import prepare, run_round
+from fedlit.launch import leave_process_group
 from fedlit.models import CNN, MLP, VGG11, ResNet20, check_layer_map
-from runs import free_port, join_as_torchrun_rank, tiny_run
+from runs import context_for, free_port, join_as_torchrun_rank, tiny_run
 
 CPU = torch.device("cpu")
 
@@ -31,7 +33,7 @@ def moon_and_models(**kwargs) -> tuple[MOON, nn.Module, nn.Module]:
     torch.manual_seed(0)
     moon = MOON(projection_dim=kwargs.pop("projection_dim", 4), **kwargs)
     global_model = moon.build_model(MLP(3, (6,), hidden=(8,)))
-    moon.setup(global_model=global_model, device=CPU)
+    moon.setup(context=context_for(global_model))
     return moon, global_model, copy.deepcopy(global_model)
 
 
@@ -211,7 +213,7 @@ def test_gradient_reaches_only_the_trained_model():
 
 
 def stored(moon: MOON, client: int) -> list[dict[str, torch.Tensor]]:
-    return [slot[client] for slot in moon.state_dict()["slots"] if client in slot]
+    return [store.get(client) for store in moon._stores if client in store]
 
 
 def same_state(a: dict[str, torch.Tensor], b: nn.Module) -> bool:
@@ -229,7 +231,7 @@ def test_history_keeps_the_newest_models_of_each_client():
         moon.client_end(client=1, model=working)
         trained.append(frozen(working))
     kept = stored(moon, 1)
-    assert len(kept) == 2 and moon.state_dict()["taken_part"] == {1: 3}
+    assert len(kept) == 2 and moon.taken_part(1) == 3
     assert sorted(i for i, m in enumerate(trained) for s in kept if same_state(s, m)) == [1, 2]
     assert stored(moon, 0) == []  # a client that never took part costs nothing
     nudge(working, -1.0)
@@ -243,27 +245,33 @@ def test_history_keeps_the_newest_models_of_each_client():
     torch.testing.assert_close(moon.loss(working, x, y), expected)
 
 
-def test_state_dict_round_trip_restores_the_previous_models():
-    moon, global_model, working = moon_and_models(offload=True)
+def test_the_previous_models_are_client_state_that_a_new_rank_restores():
+    """MOON keeps its clients' previous models in the client-state registry: what one rank
+    saved, another (a resumed run, maybe on other ranks) loads and contrasts against."""
+    torch.manual_seed(0)
+    moon = MOON(projection_dim=4, offload=True)
+    global_model = moon.build_model(MLP(3, (6,), hidden=(8,)))
+    context = context_for(global_model)
+    moon.setup(context=context)
+    working = copy.deepcopy(global_model)
     x, y = batch()
     for client in (0, 2):
         moon.client_start(client=client, model=working)
         nudge(working, 0.3 + client)
         moon.client_end(client=client, model=working)
-    state = moon.state_dict()
-    assert set(state["slots"][0]) == {0, 2}
-    assert all(t.device == CPU for t in state["slots"][0][0].values())
+    saved = context.state.state_dict()
+    assert set(saved) == {"moon/previous_0", "moon/taken_part"}
+    assert set(saved["moon/previous_0"]) == {0, 2}
+    assert all(t.device == CPU for t in saved["moon/previous_0"][0].values())
     restored = MOON(projection_dim=4, offload=True)
-    restored.setup(global_model=copy.deepcopy(global_model), device=CPU)
-    restored.load_state_dict(state)
+    restored_context = context_for(copy.deepcopy(global_model))
+    restored.setup(context=restored_context)
+    restored_context.state.load_state_dict(saved, lambda client: True)
     nudge(working, -0.4)
     for algo in (moon, restored):
         algo.client_start(client=2, model=working)
     assert torch.equal(moon.loss(working, x, y), restored.loss(working, x, y))
-    with pytest.raises(ValueError, match=r"history=1, this run has algorithm.history=2"):
-        other = MOON(projection_dim=4, history=2)
-        other.setup(global_model=global_model, device=CPU)
-        other.load_state_dict(state)
+    assert restored.taken_part(2) == 1 and restored.taken_part(1) == 0
 
 
 @pytest.mark.parametrize(
@@ -319,7 +327,7 @@ def run_moon(run_dir) -> dict:
         run_round(fed, round_idx)
     result = {
         "rank": fed.rank,
-        "moon": run.algorithm.state_dict(),
+        "moon": fed.context.state.state_dict(),
         "trained": recorder.last,
         "rounds": recorder.rounds,
         "global": {k: v.clone() for k, v in fed.global_model.state_dict().items()},
@@ -346,16 +354,15 @@ def test_two_ranks_keep_each_clients_previous_model_on_its_owner(tmp_path):
     everyone: dict[int, dict[str, torch.Tensor]] = {}
     for rank, result in enumerate(ranks):
         assert result["rank"] == rank
-        slots = result["moon"]["slots"]
-        assert len(slots) == 1  # history 1: one previous model per client
-        kept = slots[0]
+        kept = result["moon"]["moon/previous_0"]  # history 1: one previous model per client
+        taken_part = result["moon"]["moon/taken_part"]
         # each rank holds exactly the clients it owns that have taken part, nobody else's
-        assert set(kept) == set(result["trained"]) == set(result["moon"]["taken_part"])
+        assert set(kept) == set(result["trained"]) == set(taken_part)
         assert kept and all(owner(c, 2) == rank for c in kept)
         for client, state in kept.items():
             # the stored previous model is the client's trained model of its last round
             assert_states_equal(state, result["trained"][client])
-            assert result["moon"]["taken_part"][client] == len(result["rounds"][client])
+            assert int(taken_part[client]["count"]) == len(result["rounds"][client])
         everyone.update(kept)
     assert len(everyone) == 4  # rounds 1 and 2 sample {0, 2, 3} and {1, 2, 3}: all took part
     weights = [everyone[c]["classifier.weight"] for c in sorted(everyone)]
@@ -366,5 +373,5 @@ def test_two_ranks_keep_each_clients_previous_model_on_its_owner(tmp_path):
     single = run_moon(tmp_path / "single")
     assert_states_equal(single["global"], ranks[0]["global"])
     assert_states_equal(single["global"], ranks[1]["global"])
-    for client, state in single["moon"]["slots"][0].items():
+    for client, state in single["moon"]["moon/previous_0"].items():
         assert_states_equal(state, everyone[client])

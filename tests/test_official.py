@@ -158,8 +158,8 @@ class Density:
     def __init__(self) -> None:
         self.seen: dict[int, list[float]] = {}
 
-    def on_fit_start(self, model, layers) -> None:
-        self.eligible = list(eligible_tensors(model, layers))
+    def on_fit_start(self, context) -> None:
+        self.eligible = list(eligible_tensors(context.global_model, context.layers))
 
     def on_client_start(self, round: int, model: nn.Module) -> None:
         params = dict(model.named_parameters())

@@ -22,7 +22,7 @@ TINY_VGG = partial(VGG11, cfg=(8, "M", 16, "M"))
 def prepared(tmp_path, probe, **kwargs):
     fed = prepare(make_run(tmp_path, callbacks=[probe] if probe else [], **kwargs))
     if probe is not None:
-        probe.on_fit_start(federation=fed)  # train() calls it; prepare() + run_round do not
+        probe.on_fit_start(context=fed.context)  # train() calls it; prepare() + run_round do not
     return fed
 
 

@@ -23,6 +23,7 @@ from callbacks.sparsity import TransientSparsity
 from fedlit.algorithms import MOON, FedAvg, FedMR
 from fedlit.checkpoint import load_checkpoint, save_checkpoint
 from fedlit.cli import main
+from fedlit.clients import sample_clients
 from fedlit.engine import fit
 from fedlit.loggers import read_metrics
 from fedlit.models import CNN
@@ -99,15 +100,17 @@ def test_checkpoint_holds_the_whole_run_state(tmp_path):
     run = method_run(tmp_path, "lips_local_bn")
     fit(run)
     state = load_checkpoint(tmp_path / LAST)
-    assert state["version"] == 3 and state["round"] == ROUNDS and state["world_size"] == 1
+    assert state["version"] == 4 and state["round"] == ROUNDS and state["world_size"] == 1
     assert [m["round"] for m in state["metrics"]] == list(range(1, ROUNDS + 1))
     assert state["comm_bytes"] == state["metrics"][-1]["comm/bytes"] > 0
-    (rank0,) = state["ranks"]
-    # the CNN has no BatchNorm, so under buffers: local its clients keep nothing of their own
+    # per-client state, keyed by client: LIPS's gradients of every client that trained; the CNN
+    # has no BatchNorm, so under buffers: local its clients keep nothing else of their own
     # (tests/test_eval_bn.py checks local tensors through checkpoints and resumes)
-    assert rank0["local_buffers"] == {} and rank0["eval_bn"] == {}
-    grads, inertia = rank0["callbacks"]
-    assert grads["grads"] and inertia["previous"]
+    assert set(state["clients"]) == {"sparsity/grads"}
+    trained = {c for r in range(1, ROUNDS + 1) for c in sample_clients(0, r, 4, 3)}
+    assert set(state["clients"]["sparsity/grads"]) == trained
+    sparsity_state, inertia = state["callbacks"]
+    assert sparsity_state is None and inertia["previous"]  # the same on every rank: saved once
     assert "wandb_id" in state
 
 
@@ -182,13 +185,13 @@ def test_divergence_stops_with_round_client_and_layer_and_keeps_the_last_good_ch
     config = quick_config(tmp_path, rounds=4, checkpoint_every=1)
     poison = engine.train_one_client
 
-    def nan_at_round_3(fed, plan, round_idx, client):
-        loss = poison(fed, plan, round_idx, client)
-        if round_idx == 3 and client == plan.clients[-1]:
+    def nan_at_round_3(fed, plan, client):
+        loss, upload = poison(fed, plan, client)
+        if plan.round == 3 and client == plan.clients[-1]:
             with torch.no_grad():
                 fed.working.conv1.weight.fill_(math.nan)
-            return loss * math.nan
-        return loss
+            return loss * math.nan, upload
+        return loss, upload
 
     monkeypatch.setattr(engine, "train_one_client", nan_at_round_3)
     err = fail_message(capsys, ["fit", "--config", str(config)])
@@ -349,7 +352,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path, method):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     saved = load_checkpoint(moved / LAST)
-    assert len(saved["ranks"]) == 2
+    assert saved["world_size"] == 2
     main(["fit", "--config", str(config), "--run_dir", str(moved), *local_bn, "--resume", "auto"])
     assert_same_end(whole, moved)
 

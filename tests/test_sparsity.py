@@ -81,8 +81,8 @@ class Received:
         self.models = {}
         self.grads = {}
 
-    def on_fit_start(self, model):
-        self.global_model = model
+    def on_fit_start(self, context):
+        self.global_model = context.global_model
 
     def on_client_start(self, round, client, model):
         self.models[round, client] = {
@@ -178,19 +178,20 @@ def test_frozen_layers_are_left_dense(tmp_path):
     assert "layer/conv3/density" not in metrics and metrics["sparsity/density"] == 0.5
 
 
-def test_stored_gradients_survive_state_dict(tmp_path):
+def test_stored_gradients_are_client_state_a_resumed_run_gets_back(tmp_path):
     sparsity = TransientSparsity(period=2)
     fed = start(make_run(tmp_path, [sparsity], rounds=2))
     run_round(fed, 1)
-    state = sparsity.state_dict()
-    assert sorted(state["grads"]) == [0, 1, 2, 3]
-    assert set(state["grads"][0]) == set(ELIGIBLE)
+    saved = fed.context.state.state_dict()
+    grads = saved["sparsity/grads"]
+    assert sorted(grads) == [0, 1, 2, 3]
+    assert set(grads[0]) == set(ELIGIBLE)
     restored = TransientSparsity(period=2)
-    restored.load_state_dict(state)  # before on_fit_start, as a resumed run would
-    start(make_run(tmp_path / "resumed", [restored], rounds=2))
-    for client, tensors in state["grads"].items():
+    resumed = start(make_run(tmp_path / "resumed", [restored], rounds=2))
+    resumed.context.state.load_state_dict(saved, resumed.context.owns)
+    for client, tensors in grads.items():
         for name, tensor in tensors.items():
-            assert torch.equal(restored.state_dict()["grads"][client][name], tensor)
+            assert torch.equal(restored._grads.get(client)[name], tensor)
 
 
 def test_metrics_in_a_short_run(tmp_path):

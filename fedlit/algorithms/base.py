@@ -1,46 +1,59 @@
-"""What the engine needs from an algorithm, as structural types (no base class to inherit).
+"""What the engine asks of an algorithm: structural types, no base class to inherit.
 
-An algorithm is two things: a client objective (`loss`) and a server step. Everything else is
-optional and found by name, so FedAvg stays a few lines and a regulariser is one small module:
+An algorithm is a client objective (`loss`) plus optional hooks, each found by name and called
+with the keyword arguments its signature names (fedlit.hooks). It programs against
+`fedlit.context.Context`, never against the engine. In the order a round calls them:
 
 - `build_model(model) -> nn.Module`: change the architecture once, before the layer map is
-  checked (MOON adds its projection head here).
-- `setup(global_model, layers, device, federation)`: once per rank, after the model is on its
-  device (e.g. keep the initial weights).
-- `client_start(round, client, model, global_model)`: after the client has received its
-  weights and frozen layers are set, before callbacks may perturb them (LIPS) and before its
-  optimizer is built (FedProx takes its anchor here, MOON its frozen reference models).
-- `client_end(round, client, model)`: after local training (MOON keeps the client's model).
-- `make_server(federation) -> ServerStep`: replace weighted averaging by another server step
-  (FedMR's recombination); without it the engine uses `fedlit.algorithms.fedavg.AverageServer`.
-  A server step reports the bytes its clients really moved (`StepResult.up_bytes` and
-  `down_bytes`); `plan.down_bytes` is what the clients need to catch up with the global model.
-- `frozen_forwards(taken_part) -> int`: how many extra forward passes through `model.features`,
-  on frozen models and without backward, the loss runs per batch for a client that has trained
-  `taken_part` times before (MOON: the global model and its previous models). The cost
-  accounting (`fedlit.costs`) counts their FLOPs; without it only the model's own forward and
-  backward are counted.
-- `partial_rounds = False` (an attribute): the method cannot train only some layers per round
-  (FedMR recombines whole models), so a callback with `select_layers` is refused before launch.
-
-Each optional method receives only the keyword arguments its signature names.
+  checked (MOON adds its projection head).
+- `setup(context)`: once per rank, after the model is on its device: register per-client stores
+  (`context.state.store(name)`), keep the initial weights, ...
+- `client_start(round, client, model, global_model)`: the client holds the weights it received
+  and frozen layers are set; before callbacks may perturb them (LIPS) and before the optimizer
+  is built (FedProx anchors here, SCAFFOLD loads its control variates).
+- `before_step(round, client, model, optimizer)`: after each backward, before the optimizer
+  step (SCAFFOLD's gradient correction).
+- `client_end(round, client, model, steps, optimizer) -> Upload | None`: after local training,
+  with the number of local steps and the optimizer; keep state, and return what the client
+  uploads besides its trained tensors (an `Upload`).
+- `upload_spec(trained) -> {name: (shape, "weighted" | "summed")}`: asked on every rank before the
+  round, for the extra tensors of the `Upload`s, so that every rank (also one without a client
+  this round) lays out the same all-reduce. `trained` maps the round's trained parameters to
+  their shapes.
+- `server_update(global_tensors, average, sums) -> {name: tensor}`: a pure function from the
+  global model's tensors, the round's (weighted) average of what clients uploaded and the
+  round's `RoundSums` to the new global tensors (default: the average). Testable without
+  processes. A configured server optimizer (fedlit.server) then steps from the old global model
+  towards this target.
+- `downloads() -> {name: tensor}`: tensors every sampled client downloads besides the model
+  (SCAFFOLD's server control variate); their bytes are counted.
+- `make_server(context) -> ServerStep`: replace weighted averaging by another server step
+  (FedMR's recombination).
+- `frozen_forwards(taken_part) -> int`: extra forward passes through `model.features` per batch
+  (MOON), for the FLOP count.
+- attributes: `weighting` ("samples": n_k, the default; "uniform": 1 per client),
+  `partial_rounds = False` (refuses layer-selecting callbacks), `local` (tensor classes kept on
+  the clients, fedlit.local_tensors), `buffers` ("average" | "local").
+- `state_dict()` / `load_state_dict(state)`: server-side state that is the same on every rank
+  (SCAFFOLD's c, FedDyn's h), saved once per checkpoint. Per-client state goes into
+  `context.state` instead and is checkpointed and re-sharded by client id.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from fedlit.engine import Federation, RoundPlan
-
+from fedlit.context import RoundPlan
 
 BufferPolicy = Literal["average", "local"]
 BUFFER_POLICIES = ("average", "local")
+Weighting = Literal["samples", "uniform"]
+WEIGHTINGS = ("samples", "uniform")
+ExtraKind = Literal["weighted", "summed"]
 
 
 def check_buffers(buffers: str) -> None:
@@ -51,36 +64,51 @@ def check_buffers(buffers: str) -> None:
         )
 
 
+def check_weighting(weighting: str) -> None:
+    if weighting not in WEIGHTINGS:
+        raise ValueError(
+            f"algorithm.weighting must be one of {list(WEIGHTINGS)} (samples: each client "
+            f"weighs its number of training samples; uniform: 1 each), got {weighting!r}"
+        )
+
+
 @runtime_checkable
 class Algorithm(Protocol):
-    """A federated algorithm as the engine sees it.
-
-    `buffers` says whether BatchNorm statistics travel with the weights ("average") or stay with
-    each client ("local"). `loss` is a client's training objective on one batch; regularised
-    methods add their term to the cross-entropy here and keep the shared local-training loop.
-    """
-
-    buffers: Literal["average", "local"]
+    """A federated algorithm as the engine sees it: a client objective on one batch."""
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
 
-def call_optional(obj: Any, name: str, **kwargs: Any) -> Any:
-    """Call `obj.name` with the keyword arguments its signature accepts; None if it has none."""
-    method = getattr(obj, name, None)
-    if method is None:
-        return None
-    accepted = inspect.signature(method).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
-        return method(**kwargs)
-    return method(**{k: v for k, v in kwargs.items() if k in accepted})
+@dataclass
+class Upload:
+    """What one client uploads besides its trained tensors.
+
+    `model` replaces some of the client's trained tensors in the round's average (FedNova's
+    normalised update); `extras` are the tensors `upload_spec` declared, each averaged with the
+    clients' weights ("weighted") or summed over the clients ("summed").
+    """
+
+    model: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class RoundSums:
+    """What the server knows after the round's all-reduce (identical on every rank)."""
+
+    round: int
+    clients: int  # sampled this round
+    num_clients: int  # in the federation
+    total_weight: float  # sum of the clients' aggregation weights
+    weighted: dict[str, torch.Tensor] = field(default_factory=dict)  # averaged extras
+    summed: dict[str, torch.Tensor] = field(default_factory=dict)  # summed extras
 
 
 @dataclass
 class StepResult:
     """What a server step reports back to the round loop (identical on every rank)."""
 
-    train_loss: float  # sample-weighted mean of the clients' mean training losses
+    train_loss: float  # weighted mean of the clients' mean training losses
     up_bytes: int  # bytes the round's clients uploaded to the server, all together
     down_bytes: int  # bytes they downloaded from it before training, all together
     metrics: dict[str, float | int] = field(default_factory=dict)  # extra, same on every rank
@@ -97,20 +125,22 @@ class ServerStep(Protocol):
 
     The engine calls `start_round` once, then for each client this rank owns: `receive` (write
     the weights the client starts from into the working model) and, after local training,
-    `send` (take the trained model); then `finish` once, which runs the collectives and leaves
-    the model to evaluate in `federation.global_model` (at least on evaluation rounds).
+    `send` (take the trained model and its `Upload`); then `finish` once, which runs the
+    collectives and leaves the model to evaluate in `context.global_model` (at least on
+    evaluation rounds).
     """
 
     def start_round(self, plan: RoundPlan) -> None: ...
 
     def receive(self, client: int, model: nn.Module) -> None: ...
 
-    def send(self, client: int, model: nn.Module, weight: float, loss: torch.Tensor) -> None: ...
+    def send(
+        self,
+        client: int,
+        model: nn.Module,
+        weight: float,
+        loss: torch.Tensor,
+        upload: Upload | None = None,
+    ) -> None: ...
 
     def finish(self, plan: RoundPlan) -> StepResult: ...
-
-
-def default_server(federation: Federation) -> ServerStep:
-    from fedlit.algorithms.fedavg import AverageServer
-
-    return AverageServer(federation)

@@ -25,20 +25,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedlit.algorithms.base import StepResult
-from fedlit.clients import Stream, owner, sample_clients, stream_seed
+from fedlit.algorithms.base import StepResult, Upload
+from fedlit.clients import Stream, owner, stream_seed
 from fedlit.comm import FlatLayout, copy_into, named_tensors
+from fedlit.context import Context, RoundPlan
 from fedlit.models.layers import Layer
-
-if TYPE_CHECKING:
-    from fedlit.engine import Federation, RoundPlan
 
 Unit = Literal["layer", "tensor"]
 
@@ -97,8 +95,8 @@ class FedMR:
                 f"{type(model).__name__} with unit={self.unit!r} ({units}), got {self.partitions}"
             )
 
-    def make_server(self, federation: Federation) -> RecombinationServer:
-        return RecombinationServer(federation, self)
+    def make_server(self, context: Context) -> RecombinationServer:
+        return RecombinationServer(context, self)
 
 
 # --- what a slot is made of -------------------------------------------------------------------
@@ -241,7 +239,11 @@ def recombine(
 
 
 class RecombinationServer:
-    """FedMR's server step on one rank: holds this round's slots of the clients it runs.
+    """FedMR's server step on one rank: holds the slots of the clients it runs.
+
+    Slot i of round r is kept in the client store "fedmr/slots" under the id of the client that
+    trains it, `clients_r[i]`, on that client's rank; so a checkpoint resumes on any number of
+    ranks like any other client state.
 
     Attributes read by tests and the engine:
         round: the round the held slots are for.
@@ -251,40 +253,47 @@ class RecombinationServer:
             `fedmr/exchange_bytes_total`), identical on every rank.
     """
 
-    def __init__(self, federation: Federation, algorithm: FedMR) -> None:
-        self.fed = federation
+    def __init__(self, context: Context, algorithm: FedMR) -> None:
+        self.context = context
         self.algorithm = algorithm
-        model = federation.global_model
-        self.layout = slot_layout(model, federation.layers, algorithm.unit)
+        model = context.global_model
+        self.layout = slot_layout(model, context.layers, algorithm.unit)
         self.int_buffers = [n for n, b in model.named_buffers() if not b.is_floating_point()]
-        self.num_slots = federation.per_round
+        self.num_slots = context.per_round
         self.round = 1
         # True after the run's last round: the trained slots were not moved on (nothing would
         # train them); a resumed run that goes further moves them at its next start_round.
         self.pending = False
+        self.store = context.state.store("fedmr/slots")
         initial = self.flat(model)
         self.slots: dict[int, torch.Tensor] = {i: initial.clone() for i in self.held(1)}
+        self.keep()
         self.slot_of: dict[int, int] = {}
         self.sent: set[int] = set()
-        self.stats = torch.zeros(2, dtype=torch.float64, device=federation.fabric.device)
+        self.stats = torch.zeros(2, dtype=torch.float64, device=context.device)
         self.exchange_bytes = 0
         self.exchange_bytes_total = 0
         self.metrics: dict[str, int] = {}
 
     # which slots live where
     def clients_of(self, round_idx: int) -> list[int]:
-        run = self.fed.run
-        return sample_clients(run.seed, round_idx, run.data.num_clients, self.num_slots)
+        return self.context.sample(round_idx)
 
     def holders(self, round_idx: int) -> list[int]:
-        return [owner(c, self.fed.world_size) for c in self.clients_of(round_idx)]
+        return [owner(c, self.context.world_size) for c in self.clients_of(round_idx)]
 
     def held(self, round_idx: int) -> list[int]:
-        return [i for i, h in enumerate(self.holders(round_idx)) if h == self.fed.rank]
+        return [i for i, h in enumerate(self.holders(round_idx)) if h == self.context.rank]
+
+    def keep(self) -> None:
+        """The held slots into the client store, keyed by the client each is for (shared
+        tensors, no copy: training writes them in place)."""
+        clients = self.clients_of(self.round)
+        self.store.replace({clients[i]: {"slot": s} for i, s in self.slots.items()}, copy=False)
 
     def flat(self, model: nn.Module) -> torch.Tensor:
         """A fresh flat copy of `model`'s slot tensors."""
-        flat = self.layout.layout.zeros(self.fed.fabric.device, dtype=self.layout.dtype)
+        flat = self.layout.layout.zeros(self.context.device, dtype=self.layout.dtype)
         copy_into(self.layout.layout.views(flat), named_tensors(model, self.layout.names))
         return flat
 
@@ -306,12 +315,21 @@ class RecombinationServer:
     def receive(self, client: int, model: nn.Module) -> None:
         slot = self.slots[self.slot_of[client]]
         copy_into(named_tensors(model, self.layout.names), self.layout.layout.views(slot))
-        global_model = self.fed.global_model
+        global_model = self.context.global_model
         copy_into(
             named_tensors(model, self.int_buffers), named_tensors(global_model, self.int_buffers)
         )
 
-    def send(self, client: int, model: nn.Module, weight: float, loss: torch.Tensor) -> None:
+    def send(
+        self,
+        client: int,
+        model: nn.Module,
+        weight: float,
+        loss: torch.Tensor,
+        upload: Upload | None = None,
+    ) -> None:
+        if upload is not None:
+            raise ValueError("FedMR recombines whole models: it takes no upload besides them")
         slot = self.slot_of[client]
         copy_into(
             self.layout.layout.views(self.slots[slot]), named_tensors(model, self.layout.names)
@@ -330,7 +348,7 @@ class RecombinationServer:
         warm_up = round_idx <= self.algorithm.first_stage_rounds
         train_loss = self.reduce(with_mean=warm_up or plan.evaluate)
         self.exchange_bytes = 0
-        if round_idx < self.fed.run.trainer.rounds:
+        if round_idx < self.context.rounds:
             self.move_on(round_idx)
         else:
             self.pending = True
@@ -353,19 +371,20 @@ class RecombinationServer:
     def reduce(self, with_mean: bool) -> float:
         """One all-reduce: the clients' sample-weighted loss, and with `with_mean` the sum of
         the slots, whose mean (unweighted, over K) becomes the global model on every rank."""
-        fed = self.fed
+        context = self.context
         numel = self.layout.layout.numel if with_mean else 0
-        dtype = getattr(torch, fed.run.trainer.reduce_dtype)
-        buffer = torch.zeros(numel + 2, dtype=dtype, device=fed.fabric.device)
+        dtype = getattr(torch, context.trainer.reduce_dtype)
+        buffer = torch.zeros(numel + 2, dtype=dtype, device=context.device)
         if with_mean:
             for i in sorted(self.slots):  # a fixed order: the result does not depend on timing
                 buffer[:numel] += self.slots[i].to(dtype)
         buffer[numel:] = self.stats.to(dtype)
-        fed.comm.all_reduce_sum(buffer)
+        context.comm.all_reduce_sum(buffer)
         if with_mean:
             mean = buffer[:numel] / self.num_slots
             copy_into(
-                named_tensors(fed.global_model, self.layout.names), self.layout.layout.views(mean)
+                named_tensors(context.global_model, self.layout.names),
+                self.layout.layout.views(mean),
             )
         loss_sum, weight = float(buffer[numel]), float(buffer[numel + 1])
         if weight <= 0:
@@ -376,33 +395,33 @@ class RecombinationServer:
         """Give the slots trained in `round_idx` to the holders of round `round_idx + 1`."""
         if round_idx <= self.algorithm.first_stage_rounds:
             # the mean is in the global model on every rank already: no exchange needed
-            mean = self.flat(self.fed.global_model)
+            mean = self.flat(self.context.global_model)
             self.slots = {i: mean.clone() for i in self.held(round_idx + 1)}
         else:
             self.exchange(round_idx)
         self.round = round_idx + 1
         self.pending = False
+        self.keep()
 
     def exchange(self, round_idx: int) -> None:
         """Recombine with one all_to_all_single: each rank sends the units of the slots it
         holds to the ranks holding their destination slots next round."""
-        fed = self.fed
+        context = self.context
         units = self.layout.units
         numels = self.layout.unit_numels()
         perms = unit_permutations(
-            fed.run.seed, round_idx, self.num_slots, len(units), self.algorithm.partitions
+            context.seed, round_idx, self.num_slots, len(units), self.algorithm.partitions
         )
-        plan = plan_exchange(
-            perms, self.holders(round_idx), self.holders(round_idx + 1), fed.rank, fed.world_size
-        )
+        holders_now, holders_next = self.holders(round_idx), self.holders(round_idx + 1)
+        plan = plan_exchange(perms, holders_now, holders_next, context.rank, context.world_size)
         send_splits, recv_splits = plan.splits(numels)
         pieces = [
             self.slots[source][slice(*units[unit])] for part in plan.send for source, unit in part
         ]
-        device, dtype = fed.fabric.device, self.layout.dtype
+        device, dtype = context.device, self.layout.dtype
         send = torch.cat(pieces) if pieces else torch.empty(0, dtype=dtype, device=device)
         recv = torch.empty(sum(recv_splits), dtype=dtype, device=device)
-        fed.comm.all_to_all_single(send, recv, send_splits, recv_splits)
+        context.comm.all_to_all_single(send, recv, send_splits, recv_splits)
 
         numel = self.layout.layout.numel
         new = {i: torch.empty(numel, dtype=dtype, device=device) for i in self.held(round_idx + 1)}
@@ -417,35 +436,31 @@ class RecombinationServer:
         itemsize = torch.empty((), dtype=dtype).element_size()
         self.exchange_bytes = itemsize * sum(numels[u] for u in plan.moved_units)
 
-    # checkpointing
+    # checkpointing: the slots are client state (self.store); this is what every rank shares
     def state_dict(self) -> dict[str, Any]:
-        """This rank's slots (CPU copies), the round they are for and whether they still await
-        the move after the run's last round."""
+        """The round the held slots are for, whether they still await the move after the
+        run's last round, and the bytes exchanged so far."""
         return {
             "round": self.round,
             "pending": self.pending,
-            "slots": {i: s.detach().cpu().clone() for i, s in self.slots.items()},
             "exchange_bytes_total": self.exchange_bytes_total,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        round_idx = int(state["round"])
-        slots = {int(i): s for i, s in state["slots"].items()}
-        expected = self.held(round_idx)
-        if sorted(slots) != expected:
-            raise ValueError(
-                f"FedMR state of round {round_idx} holds slots {sorted(slots)}, but rank "
-                f"{self.fed.rank} of {self.fed.world_size} holds {expected}: resume with the "
-                "same number of ranks"
-            )
-        numel = self.layout.layout.numel
-        for i, slot in slots.items():
-            if slot.numel() != numel:
-                raise ValueError(f"FedMR slot {i} has {slot.numel()} elements, expected {numel}")
-        device = self.fed.fabric.device
-        self.slots = {
-            i: s.to(device=device, dtype=self.layout.dtype, copy=True) for i, s in slots.items()
-        }
-        self.round = round_idx
+        """After the client store was loaded: take this rank's slots of the saved round."""
+        self.round = int(state["round"])
         self.pending = bool(state["pending"])
         self.exchange_bytes_total = int(state.get("exchange_bytes_total", 0))
+        clients = self.clients_of(self.round)
+        numel = self.layout.layout.numel
+        slots = {}
+        for i in self.held(self.round):
+            entry = self.store.get(clients[i])
+            if entry is None or entry["slot"].numel() != numel:
+                raise ValueError(
+                    f"the checkpoint has no FedMR slot of {numel} elements for client "
+                    f"{clients[i]} of round {self.round}"
+                )
+            slots[i] = entry["slot"].to(dtype=self.layout.dtype)
+        self.slots = slots
+        self.keep()

@@ -12,7 +12,7 @@ Without the projection head (FedPart's code base), z = h and the backbone's own 
 gives the logits.
 
 Per-client state: each client's previous local model is kept by the rank that owns the client, in
-`ClientStateStore`s (one per history slot, optionally offloaded to the CPU), so a run holds at most
+client stores of fedlit.state (one per history slot, optionally offloaded to the CPU), so a run holds at most
 `history` models per client that has taken part, plus the initial global model that stands in for
 the previous model in a client's first round. During training only two kinds of extra modules
 exist on the device, made once per rank and refilled in place for every client: one frozen copy of
@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedlit.algorithms.base import BufferPolicy, check_buffers
-from fedlit.clients import ClientStateStore
 from fedlit.comm import copy_into, named_tensors
+from fedlit.context import Context
 from fedlit.local_tensors import LocalClass, check_local
 from fedlit.models.layers import Layer, layers_from_modules
+from fedlit.state import ClientStore
 
 
 def find_classifier(model: nn.Module, layers: list[Layer]) -> str:
@@ -213,26 +213,30 @@ class MOON:
         self._previous: list[nn.Module] = []  # frozen slots for the client's previous models
         self._active = 0  # how many of the slots hold a previous model of the current client
         self._initial: dict[str, Tensor] = {}
-        self._stores: list[ClientStateStore] = []
-        self._taken_part: dict[int, int] = {}
+        self._stores: list[ClientStore] = []
+        self._taken_part: ClientStore | None = None
 
     def build_model(self, model: nn.Module) -> MoonModel:
         return MoonModel(model, self.projection_dim if self.projection else None)
 
-    def setup(self, global_model: nn.Module, device: torch.device) -> None:
-        """Once per rank: the reusable frozen modules, the initial model, the empty stores."""
+    def setup(self, context: Context) -> None:
+        """Once per rank: the reusable frozen modules, the initial model (the same on every rank
+        and in a resumed run: the model is built from the seed), the per-client stores."""
+        global_model = context.global_model
         self._global = _frozen_copy(global_model)
         self._previous = [_frozen_copy(global_model) for _ in range(self.history)]
-        keep_on = torch.device("cpu") if self.offload else device
+        keep_on = torch.device("cpu") if self.offload else context.device
         self._initial = {
             k: v.detach().to(keep_on, copy=True) for k, v in _full_state(global_model).items()
         }
-        self._stores = [ClientStateStore(device, self.offload) for _ in range(self.history)]
-        self._taken_part = {}
+        self._stores = [
+            context.state.store(f"moon/previous_{k}", self.offload) for k in range(self.history)
+        ]
+        self._taken_part = context.state.store("moon/taken_part")
 
     def _require_setup(self) -> None:
         if self._global is None:
-            raise RuntimeError("MOON.setup(global_model, device) must run first (the engine does)")
+            raise RuntimeError("MOON.setup(context) must run first (the engine does)")
 
     def client_start(self, client: int, model: nn.Module) -> None:
         """Refill the frozen modules: the received weights, and the client's previous models."""
@@ -247,9 +251,14 @@ class MOON:
         """Keep the trained model as this client's newest previous model (replacing its oldest
         once `history` are stored), on the rank that ran it."""
         self._require_setup()
-        count = self._taken_part.get(client, 0)
+        count = self.taken_part(client)
         self._stores[count % self.history].put(client, _full_state(model))
-        self._taken_part[client] = count + 1
+        self._taken_part.put(client, {"count": torch.tensor(count + 1)})
+
+    def taken_part(self, client: int) -> int:
+        """How often `client` has trained so far (this rank owns it)."""
+        entry = self._taken_part.get(client)
+        return 0 if entry is None else int(entry["count"])
 
     def frozen_forwards(self, taken_part: int) -> int:
         """Frozen `features` passes per batch besides the model's own, for the cost accounting:
@@ -273,27 +282,3 @@ class MOON:
             z_prev = [slot.features(x) for slot in self._previous[: self._active]]
         task = F.cross_entropy(logits, y)
         return task + self.mu * contrastive_loss(z, z_glob, z_prev, self.temperature)
-
-    def state_dict(self) -> dict[str, Any]:
-        """This rank's MOON state (its own clients only), as plain CPU tensors and dicts."""
-        self._require_setup()
-        return {
-            "history": self.history,
-            "taken_part": dict(self._taken_part),
-            "slots": [store.state_dict() for store in self._stores],
-            "initial": {k: v.cpu() for k, v in self._initial.items()},
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore `state_dict()` after `setup` (on resume, on the same rank layout)."""
-        self._require_setup()
-        if state["history"] != self.history or len(state["slots"]) != self.history:
-            raise ValueError(
-                f"MOON state was saved with history={state['history']}, this run has "
-                f"algorithm.history={self.history}"
-            )
-        for store, saved in zip(self._stores, state["slots"], strict=True):
-            store.load_state_dict(saved)
-        self._taken_part = {int(c): int(n) for c, n in state["taken_part"].items()}
-        keep_on = torch.device("cpu") if self.offload else self._stores[0].device
-        self._initial = {k: v.to(keep_on, copy=True) for k, v in state["initial"].items()}
