@@ -121,8 +121,8 @@ class PlainLoop:
         fed, case, device = self.fed, self.case, self.fed.fabric.device
         for client in range(case.clients):
             generator = torch_generator(0, Stream.TRAIN, round_idx, client, device=device)
-            batches = fed.data.train_batches(
-                fed.client_indices[client], case.batch_size, case.local_epochs, generator
+            batches = fed.context.data.train_batches(
+                fed.context.client_indices[client], case.batch_size, case.local_epochs, generator
             )
             for x, y in batches:
                 self.optimizer.zero_grad(set_to_none=True)

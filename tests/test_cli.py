@@ -194,8 +194,8 @@ def test_callbacks_from_the_config_receive_the_hooks(quickstart, tmp_path, monke
     [
         ('[{"class_path": "no_such_module.Thing"}]', "callbacks[0].class_path: cannot import"),
         (
-            '[{"class_path": "fedlit.clients.ClientStateStore", "init_args": {"devize": "cpu"}}]',
-            "callbacks[0] (fedlit.clients.ClientStateStore)",
+            '[{"class_path": "fedlit.state.ClientStore", "init_args": {"devize": "cpu"}}]',
+            "callbacks[0] (fedlit.state.ClientStore)",
         ),
     ],
 )

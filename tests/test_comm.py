@@ -43,15 +43,15 @@ def test_weighted_sum_matches_the_reference_average_on_one_rank():
     names = [n for n, _ in models[0].named_parameters()]
     weights = [10.0, 30.0, 60.0]
     layout = FlatLayout.of(models[0], names)
-    summed = WeightedSum(layout, torch.device("cpu"), extras=1)
+    summed = WeightedSum(layout, torch.device("cpu"))
     for m, w in zip(models, weights, strict=True):
-        summed.add(named_tensors(m, names), w, extras=[2.0 * w])
+        summed.add(named_tensors(m, names), w, loss=2.0)
     comm = Communicator(world_size=1)
-    averaged, total, extras = summed.reduce(comm)
+    averaged, total, loss_sum, _, _ = summed.reduce(comm)
     expected = weighted_average(
         [(named_tensors(m, names), w) for m, w in zip(models, weights, strict=True)]
     )
-    assert total == 100.0 and extras == [200.0]
+    assert total == 100.0 and loss_sum == 200.0
     for a, e in zip(averaged, expected, strict=True):
         torch.testing.assert_close(a.float(), e)
     # the mean of (p + i) with weights .1/.3/.6 is p + 1.5
@@ -69,13 +69,13 @@ def _two_rank_worker(rank: int, port: int, queue) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         layout = FlatLayout(["w"], [torch.Size([4])])
-        summed = WeightedSum(layout, torch.device("cpu"), extras=1)
+        summed = WeightedSum(layout, torch.device("cpu"))
         # rank 0 holds clients 0 and 2, rank 1 holds client 1
         for client in (0, 2) if rank == 0 else (1,):
-            summed.add([torch.full((4,), float(client))], weight=client + 1.0, extras=[1.0])
+            summed.add([torch.full((4,), float(client))], weight=client + 1.0, loss=0.5)
         comm = Communicator(world_size=2)
-        averaged, total, extras = summed.reduce(comm)
-        queue.put((rank, averaged[0].tolist(), total, extras, comm.calls))
+        averaged, total, loss_sum, _, _ = summed.reduce(comm)
+        queue.put((rank, averaged[0].tolist(), total, loss_sum, comm.calls))
     finally:
         dist.destroy_process_group()
 
@@ -87,6 +87,6 @@ def test_weighted_sum_over_two_gloo_ranks_is_one_all_reduce():
     mp.start_processes(_two_rank_worker, args=(free_port(), queue), nprocs=2, start_method="spawn")
     results = sorted(queue.get() for _ in range(2))
     # weights 1, 2, 3 on values 0, 1, 2: (0 + 2 + 6) / 6
-    for _rank, values, total, extras, calls in results:
+    for _rank, values, total, loss_sum, calls in results:
         assert values == pytest.approx([8 / 6] * 4)
-        assert total == 6.0 and extras == [3.0] and calls == 1
+        assert total == 6.0 and loss_sum == 3.0 and calls == 1

@@ -21,11 +21,12 @@ from fedlit.compare import compare_runs
 from fedlit.costs import CommLedger, StepFlops, meta_copy
 from fedlit.data.config import DataConfig
 from fedlit.engine import fit, prepare, run_round
+from fedlit.hooks import call_all
 from fedlit.loggers import read_metrics
 from fedlit.models import CNN, VGG11, ResNet8
 from fedlit.plots import MIB, communication_figure
 from fedlit.resume import load_for_resume
-from runs import tiny_run
+from runs import context_for, tiny_run
 
 DIGITS = (1, 8, 8)
 CIFAR = (3, 32, 32)
@@ -141,7 +142,7 @@ def test_moon_counts_its_frozen_forward_passes():
     torch.manual_seed(0)
     moon = MOON(mu=1.0, projection_dim=16, history=2)
     global_model = moon.build_model(CNN(10, DIGITS, padding=2))
-    moon.setup(global_model=global_model, device=torch.device("cpu"))
+    moon.setup(context=context_for(global_model))
     counter = StepFlops(global_model, DIGITS, batch=4)
     assert [moon.frozen_forwards(taken_part=k) for k in range(4)] == [2, 2, 3, 3]
     assert MOON(mu=0.0).frozen_forwards(taken_part=3) == 0
@@ -195,9 +196,9 @@ class FullOnOddRounds(ClientRecorder):
         self.sizes: dict[str, int] = {}
         self.downloads: dict[int, int] = {}
 
-    def on_fit_start(self, layers, model):
-        params = dict(model.named_parameters())
-        self.groups = {entry.name: entry.params for entry in layers}
+    def on_fit_start(self, context):
+        params = dict(context.global_model.named_parameters())
+        self.groups = {entry.name: entry.params for entry in context.layers}
         self.sizes = {n: 4 * sum(params[p].numel() for p in ps) for n, ps in self.groups.items()}
 
     def select_layers(self, round, layers):
@@ -235,7 +236,7 @@ def test_partial_schedule_with_sampling_counts_honest_bytes_and_flops(tmp_path):
     oracle = FullOnOddRounds("fc2")
     run = digits_run(tmp_path, rounds=6, callbacks=[oracle], local_epochs=2)
     fed = prepare(run)
-    fed.fabric.call("on_fit_start", model=fed.global_model, layers=fed.layers, federation=fed)
+    call_all(run.callbacks, "on_fit_start", context=fed.context)
     history = [run_round(fed, r) for r in range(1, 7)]
     model_bytes, fc2_bytes = sum(oracle.sizes.values()), oracle.sizes["fc2"]
     counter = fed.costs.flops
@@ -244,7 +245,7 @@ def test_partial_schedule_with_sampling_counts_honest_bytes_and_flops(tmp_path):
         r, clients = metrics["round"], oracle.clients[metrics["round"]]
         assert metrics["comm/down_bytes"] == oracle.downloads[r]
         assert metrics["comm/up_bytes"] == 3 * (fc2_bytes if r % 2 == 0 else model_bytes)
-        samples = 2 * sum(fed.client_sizes[c] for c in clients)
+        samples = 2 * sum(fed.context.client_sizes[c] for c in clients)
         assert metrics["cost/flops"] == samples * (fc2_step if r % 2 == 0 else full_step)
         assert metrics["comm/full_bytes"] == 2 * 3 * model_bytes * r
     # by hand: after a full round every client downloads everything; after a partial round a
@@ -290,7 +291,9 @@ def test_moon_rounds_count_the_frozen_passes_of_each_client(tmp_path):
         expected = 0
         for c in recorder.clients[r]:
             passes = 1 + max(1, min(2, taken[c]))
-            expected += fed.client_sizes[c] * (counter.full_step() + passes * counter.features())
+            expected += fed.context.client_sizes[c] * (
+                counter.full_step() + passes * counter.features()
+            )
             taken[c] += 1
         assert metrics["cost/flops"] == expected
     assert max(taken) >= 3  # some client used two previous models
@@ -312,7 +315,7 @@ def test_counting_leaves_training_bitwise_unchanged(tmp_path):
     for r in (1, 2):
         run_round(plain, r)
         # extra counts at odd moments: new trainable sets, the analytic check, the features
-        for layer in busy.layers:
+        for layer in busy.context.layers:
             busy.costs.flops.step(layer.params)
             busy.costs.flops.analytic_step(layer.params)
         busy.costs.flops.features()

@@ -150,8 +150,8 @@ def item_key(item) -> str:
 class LayerNorms:
     """Adds `layer/<name>/weight_norm` for every layer each round, as per-layer callbacks do."""
 
-    def on_fit_start(self, layers, federation):
-        self.layers, self.federation = layers, federation
+    def on_fit_start(self, context):
+        self.layers, self.federation = context.layers, context
 
     def on_round_end(self, metrics):
         params = dict(self.federation.global_model.named_parameters())

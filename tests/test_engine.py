@@ -92,8 +92,8 @@ class Recorder:
     def __init__(self):
         self.calls = []
 
-    def on_fit_start(self, layers):
-        self.calls.append(("fit_start", len(layers)))
+    def on_fit_start(self, context):
+        self.calls.append(("fit_start", len(context.layers)))
 
     def on_round_start(self, round, clients):
         self.calls.append(("round_start", round, tuple(clients)))
@@ -178,8 +178,8 @@ class AlgorithmProbe:
     def loss(self, model, x, y):
         return torch.nn.functional.cross_entropy(model(x), y)
 
-    def setup(self, global_model, layers):
-        self.calls.append(("setup", len(layers)))
+    def setup(self, context):
+        self.calls.append(("setup", len(context.layers)))
 
     def client_start(self, round, client, model, global_model):
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -206,7 +206,7 @@ def test_optional_algorithm_hooks_are_called_around_each_client(tmp_path):
     fed = prepare(run)
     run_round(fed, 1)
     calls = algorithm.calls
-    assert calls[0] == ("setup", len(fed.layers))
+    assert calls[0] == ("setup", len(fed.context.layers))
     # client_start sees the frozen layers already set (only fc3's two tensors train) and
     # comes before callbacks may perturb the received weights (LIPS)
     expected = []
