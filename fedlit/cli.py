@@ -24,7 +24,8 @@ from jsonargparse import (
 from fedlit.algorithms import Algorithm, FedAvg
 from fedlit.config import LoggerConfig, ModelFactory, RunConfig, TrainerConfig
 from fedlit.data.config import DataConfig
-from fedlit.engine import DivergenceError, prepare, train
+from fedlit.divergence import DivergenceError
+from fedlit.engine import prepare, train
 from fedlit.resume import load_for_resume, resolve_resume
 from fedlit.server import ServerOptimizer
 

@@ -92,6 +92,18 @@ class Context:
     def owned(self, clients: list[int]) -> list[int]:
         return owned_clients(clients, self.rank, self.world_size)
 
+    def tensor_names(self, layer_names: list[str]) -> tuple[list[str], list[str]]:
+        """(parameter names, floating-point buffer names) of the chosen layers, in map order."""
+        chosen = set(layer_names)
+        buffers = dict(self.global_model.named_buffers())
+        params: list[str] = []
+        floats: list[str] = []
+        for layer in self.layers:
+            if layer.name in chosen:
+                params.extend(layer.params)
+                floats.extend(b for b in layer.buffers if buffers[b].is_floating_point())
+        return params, floats
+
     def receive(self, client: int, into: nn.Module | None = None) -> nn.Module:
         """`into` (default: the engine's working model) := what `client` receives: the global
         weights with its own local tensors once it has trained."""

@@ -29,13 +29,10 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.fabric import Fabric
 from torch import nn
 
@@ -51,35 +48,27 @@ from fedlit.costs import CostTracker
 from fedlit.data.datasets import DataBundle, load_dataset
 from fedlit.data.device import DeviceData
 from fedlit.data.partition import Partition, make_partition
+from fedlit.divergence import NO_CLIENT, check_finite
 from fedlit.eval_bn import (
     EvalModels,
-    metric_suffix,
     parse_protocols,
-    recalibration_batches,
-    recalibration_indices,
 )
 from fedlit.evaluation import (
     SpreadOverClients,
     client_accuracy,
-    evaluate_global,
     final_client_accuracy,
 )
 from fedlit.faults import inject_fault
 from fedlit.hooks import call, call_all, defines
 from fedlit.launch import launch, launch_settings, leave_process_group
-from fedlit.local import freeze_inactive, train_client
+from fedlit.local import freeze_inactive, make_optimizer, seed_device_generator, train_client
 from fedlit.local_tensors import local_classes, local_tensor_names
 from fedlit.models.layers import Layer, check_layer_map
 from fedlit.observers import dashboard_id, make_observers
-from fedlit.resume import (
-    CHECKPOINT_VERSION,
-    first_nonfinite_layer,
-    gather_client_states,
-    load_state_of,
-    state_of,
-)
+from fedlit.resume import checkpoint_state, gather_client_states, restore
 from fedlit.schedule import layers_of_round
 from fedlit.state import ClientState
+from fedlit.summary import summarize
 
 
 @dataclass
@@ -105,22 +94,9 @@ class Federation:
         return self.context.comm
 
     @property
-    def rank(self) -> int:
-        return self.context.rank
-
-    @property
-    def world_size(self) -> int:
-        return self.context.world_size
-
-    @property
     def local(self):
         """Each client's local tensors (algorithm.local), kept on its rank."""
         return self.context.state.store("local")
-
-    @property
-    def comm_bytes(self) -> int:
-        """Bytes clients uploaded and downloaded so far (`comm/bytes`)."""
-        return self.costs.comm_bytes
 
     def load_client_model(self, client: int, into: nn.Module | None = None) -> nn.Module:
         """`into` (default: the working model) := the global weights, with the client's own
@@ -251,8 +227,8 @@ def plan_round(fed: Federation, round_idx: int) -> RoundPlan:
     call_all(run.callbacks, "on_round_start", round=round_idx, clients=clients)
     all_layers = [layer.name for layer in context.layers]
     active = layers_of_round(run.callbacks, all_layers, round_idx)
-    params, float_buffers = tensor_names(context, active)
-    all_float_buffers = tensor_names(context, all_layers)[1]
+    params, float_buffers = context.tensor_names(active)
+    all_float_buffers = context.tensor_names(all_layers)[1]
     if fed.local_names.intersection(all_float_buffers):
         # Clients keep their BN statistics and never send them, so they are not communication;
         # the global model still needs statistics to be evaluated. Every layer's statistics moved
@@ -277,38 +253,6 @@ def plan_round(fed: Federation, round_idx: int) -> RoundPlan:
     )
 
 
-def tensor_names(context: Context, layer_names: list[str]) -> tuple[list[str], list[str]]:
-    """(parameter names, floating-point buffer names) of the chosen layers, in map order."""
-    chosen = set(layer_names)
-    buffers = dict(context.global_model.named_buffers())
-    params, floats = [], []
-    for layer in context.layers:
-        if layer.name in chosen:
-            params.extend(layer.params)
-            floats.extend(b for b in layer.buffers if buffers[b].is_floating_point())
-    return params, floats
-
-
-def seed_device_generator(device: torch.device, seed: int) -> None:
-    """Seed the default generator of `device` only.
-
-    torch.manual_seed also seeds every other backend; on a machine where CUDA is never
-    initialised it queues that call with a formatted stack trace each time, which costs 0.4 ms
-    and grows a list per client per round.
-    """
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        torch.cuda.default_generators[index].manual_seed(seed)
-    else:
-        torch.default_generator.manual_seed(seed)
-
-
-def make_optimizer(run: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    if run.trainer.optimizer is None:
-        return torch.optim.SGD(params, lr=0.01)
-    return run.trainer.optimizer(params)
-
-
 def train_one_client(
     fed: Federation, plan: RoundPlan, client: int
 ) -> tuple[torch.Tensor, Upload | None]:
@@ -331,7 +275,9 @@ def train_one_client(
         global_model=context.global_model,
     )
     call_all(callbacks, "on_client_start", round=round_idx, client=client, model=model)
-    optimizer = make_optimizer(run, [p for p in model.parameters() if p.requires_grad])
+    optimizer = make_optimizer(
+        run.trainer.optimizer, [p for p in model.parameters() if p.requires_grad]
+    )
     generator = context.generator(Stream.TRAIN, round_idx, client)
     # dropout and other layers that draw from torch's global generator
     seed_device_generator(context.device, stream_seed(run.seed, Stream.TRAIN, round_idx, client))
@@ -412,29 +358,7 @@ def evaluate_round(fed: Federation, plan: RoundPlan, personal: SpreadOverClients
     local models were scored during training; here each client scores the aggregated model it
     receives)."""
     run, context = fed.run, fed.context
-    batch_size = run.trainer.eval_batch_size
-
-    def evaluate(model: nn.Module) -> dict[str, float]:
-        return evaluate_global(
-            model, context.data, context.comm, context.rank, batch_size, context.autocast
-        )
-
-    def recalibration() -> Iterator[torch.Tensor]:
-        indices = recalibration_indices(
-            context.client_indices,
-            run.trainer.eval_bn_samples,
-            run.seed,
-            plan.round,
-            context.device,
-        )
-        return recalibration_batches(context.data, indices, batch_size)
-
-    metrics: dict[str, Any] = {}
-    tested = fed.eval_models.evaluate_all(evaluate, recalibration)
-    for position, (protocol, numbers) in enumerate(tested):
-        suffix = metric_suffix(position, protocol)
-        metrics[f"test/acc{suffix}"] = numbers["test/acc"]
-        metrics[f"test/loss{suffix}"] = numbers["test/loss"]
+    metrics: dict[str, Any] = fed.eval_models.test_metrics(plan.round)
     if run.trainer.personal_eval:
         for client in plan.mine:
             receive_after(fed, plan.round, client)
@@ -465,7 +389,7 @@ def run_round(fed: Federation, round_idx: int, observers: list[Any] = ()) -> dic
         call_all(observers, "on_client_done", done=done, total=len(plan.mine))
 
     step = fed.server.finish(plan)
-    check_finite(fed, round_idx, step.train_loss, first_bad, weights=checkpoints(run, round_idx))
+    check_finite(context, round_idx, step.train_loss, first_bad, checkpoints(run, round_idx))
     costs = fed.costs.record(round_idx, plan, step)
     call_all(
         callbacks,
@@ -489,13 +413,7 @@ def run_round(fed: Federation, round_idx: int, observers: list[Any] = ()) -> dic
     return metrics
 
 
-# ---- divergence and checkpoints -----------------------------------------------------------
-
-NO_CLIENT = 2**62
-
-
-class DivergenceError(FloatingPointError):
-    """Training produced a NaN or inf loss or weight."""
+# ---- checkpoints --------------------------------------------------------------------------
 
 
 def checkpoints(run: RunConfig, round_idx: int) -> bool:
@@ -504,112 +422,19 @@ def checkpoints(run: RunConfig, round_idx: int) -> bool:
     return round_idx == run.trainer.rounds or bool(every and round_idx % every == 0)
 
 
-def check_finite(
-    fed: Federation, round_idx: int, train_loss: float, first_bad: torch.Tensor, weights: bool
-) -> None:
-    """Stop the run when the round's loss, or (when `weights`: before a checkpoint) the
-    aggregated model, is not finite.
-
-    The loss is already on the host (no sync); the weights cost one device read, so they are
-    checked only before a checkpoint, which therefore never holds a non-finite weight (a
-    non-finite weight in between shows as a non-finite loss one round later). Loss and model
-    are identical on every rank, so every rank takes the same branch, and the extra all-reduce
-    (which client) runs only then.
-    """
-    finite_loss = bool(np.isfinite(train_loss))
-    if finite_loss and not weights:
-        return
-    layer = first_nonfinite_layer(fed.context.layers, fed.global_model)
-    if layer is None and finite_loss:
-        return
-    if fed.comm.distributed:
-        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
-    client = int(first_bad.item())
-    who = f"client {client}" if client != NO_CLIENT else "no client had a non-finite loss"
-    where = f"first non-finite layer {layer}" if layer else "the weights are finite"
-    raise DivergenceError(
-        f"training diverged in round {round_idx}: train/loss is {train_loss} ({who}); "
-        f"{where} after aggregation. The last good checkpoint is kept; lower the learning rate "
-        "or check the data"
-    )
-
-
 def save_round_checkpoint(fed: Federation, round_idx: int, wandb_id: str | None) -> None:
     """Gather every rank's client state to rank 0, which writes last.ckpt atomically (a
     collective: every rank calls it). What it holds: fedlit.resume."""
     clients = gather_client_states(fed.context)
-    if fed.rank != 0:
-        return
-    run = fed.run
-    state = {
-        "format": "fedlit",
-        "version": CHECKPOINT_VERSION,
-        "round": round_idx,
-        "seed": run.seed,
-        "model": {k: v.detach().cpu() for k, v in fed.global_model.state_dict().items()},
-        "metrics": fed.history,
-        "comm_bytes": fed.comm_bytes,
-        "costs": fed.costs.state_dict(),
-        "config": run.config_yaml,
-        "wandb_id": wandb_id,
-        "world_size": fed.world_size,
-        "clients": clients,
-        "algorithm": state_of(run.algorithm),
-        "server": state_of(fed.server),
-        "callbacks": [state_of(c) for c in run.callbacks],
-    }
-    save_checkpoint(run.run_dir / "checkpoints" / "last.ckpt", state)
-
-
-def restore(fed: Federation, state: dict[str, Any]) -> int:
-    """Put a checkpoint's state into this rank's federation (after setup and on_fit_start);
-    returns the checkpoint's round."""
-    context, run = fed.context, fed.run
-    fed.global_model.load_state_dict(state["model"])
-    fed.working.load_state_dict(state["model"])
-    fed.history = [dict(m) for m in state["metrics"]]
-    fed.costs.load_state_dict(state["costs"])
-    context.state.load_state_dict(state["clients"], context.owns)
-    load_state_of(run.algorithm, state["algorithm"], "the algorithm")
-    load_state_of(fed.server, state["server"], "the server step")
-    if len(state["callbacks"]) != len(run.callbacks):
-        raise ValueError(
-            f"the checkpoint has the state of {len(state['callbacks'])} callbacks, the run has "
-            f"{len(run.callbacks)}"
-        )
-    for callback, saved in zip(run.callbacks, state["callbacks"], strict=True):
-        load_state_of(callback, saved, type(callback).__name__)
-    return int(state["round"])
+    if fed.context.is_main:
+        state = checkpoint_state(
+            fed.run, round_idx, fed.global_model, fed.history, fed.costs, fed.server,
+            clients, fed.context.world_size, wandb_id,
+        )  # fmt: skip
+        save_checkpoint(fed.run.run_dir / "checkpoints" / "last.ckpt", state)
 
 
 # ---- the run ------------------------------------------------------------------------------
-
-
-def summarize(fed: Federation, wall_seconds: float) -> dict[str, Any]:
-    evaluated = [m for m in fed.history if "test/acc" in m]
-    best = max(evaluated, key=lambda m: m["test/acc"])
-    final = evaluated[-1]
-    summary = {
-        "best_test_acc": best["test/acc"],
-        "best_round": best["round"],
-        "final_test_acc": final["test/acc"],
-        "final_test_loss": final["test/loss"],
-        "rounds": fed.history[-1]["round"],
-        "wall_seconds": wall_seconds,
-        **fed.costs.summary(),
-        "world_size": fed.world_size,
-    }
-    for key in ("personal/acc_local", "personal/acc_global"):
-        if key in final:
-            summary[f"final_{key.replace('/', '_')}"] = final[key]
-    protocols = parse_protocols(fed.run.trainer.eval_bn)
-    summary["eval_bn"] = protocols[0].name
-    for position, protocol in enumerate(protocols[1:], start=1):
-        suffix = metric_suffix(position, protocol)
-        summary[f"best_test_acc{suffix}"] = max(m[f"test/acc{suffix}"] for m in evaluated)
-        summary[f"final_test_acc{suffix}"] = final[f"test/acc{suffix}"]
-        summary[f"final_test_loss{suffix}"] = final[f"test/loss{suffix}"]
-    return summary
 
 
 def train(fed: Federation) -> dict[str, Any] | None:
@@ -622,13 +447,15 @@ def train(fed: Federation) -> dict[str, Any] | None:
     call_all(run.callbacks, "on_fit_start", context=context)
     first_round = 1
     if run.resume is not None:
-        first_round = restore(fed, run.resume) + 1
+        models = [fed.global_model, fed.working]
+        fed.history = restore(run.resume, run, context, models, fed.costs, fed.server)
+        first_round = int(run.resume["round"]) + 1
     observers = make_observers(run, context, fed.costs.ledger.bytes_of) if context.is_main else []
     try:
         call_all(observers, "on_fit_start", history=fed.history)
         started = time.perf_counter()
         for round_idx in range(first_round, run.trainer.rounds + 1):
-            inject_fault(fed.rank, round_idx)
+            inject_fault(context.rank, round_idx)
             metrics = run_round(fed, round_idx, observers)
             fed.history.append(metrics)
             call_all(observers, "on_round_end", metrics=metrics)
@@ -636,7 +463,13 @@ def train(fed: Federation) -> dict[str, Any] | None:
             if checkpoints(run, round_idx) and not last:
                 save_round_checkpoint(fed, round_idx, dashboard_id(observers))
         call_all(observers, "on_rounds_end")
-        summary = summarize(fed, time.perf_counter() - started)
+        summary = summarize(
+            fed.history,
+            time.perf_counter() - started,
+            fed.costs.summary(),
+            run.trainer.eval_bn,
+            context.world_size,
+        )
         # a collective: every rank scores its own clients, whether or not it draws
         client_acc = ([], "")
         if run.logger.plots:

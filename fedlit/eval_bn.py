@@ -37,6 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from fedlit.clients import Stream, owner, torch_generator
 from fedlit.comm import copy_into, named_tensors
 from fedlit.data.device import DeviceData
+from fedlit.evaluation import evaluate_global
 from fedlit.local_tensors import bn_stat_names
 
 if TYPE_CHECKING:
@@ -151,6 +152,7 @@ class EvalModels:
         self, protocols: Sequence[Protocol], context: Context, local_names: set[str]
     ) -> None:
         self.protocols = list(protocols)
+        self.context = context
         self.global_model = global_model = context.global_model
         self.comm = context.comm
         self.rank = context.rank
@@ -193,6 +195,32 @@ class EvalModels:
                 recalibrate(model, recalibration())
             results.append((protocol, evaluate(model)))
         return results
+
+    def test_metrics(self, round_idx: int) -> dict[str, float]:
+        """test/acc and test/loss of the first protocol, test/acc@<name> and test/loss@<name>
+        of the others, on the global test set (a collective: every rank calls it)."""
+        context = self.context
+        trainer = context.trainer
+
+        def evaluate(model: nn.Module) -> dict[str, float]:
+            return evaluate_global(
+                model, context.data, context.comm, context.rank, trainer.eval_batch_size,
+                context.autocast,
+            )  # fmt: skip
+
+        def recalibration() -> Iterator[torch.Tensor]:
+            indices = recalibration_indices(
+                context.client_indices, trainer.eval_bn_samples, context.seed, round_idx,
+                context.device,
+            )  # fmt: skip
+            return recalibration_batches(context.data, indices, trainer.eval_batch_size)
+
+        metrics: dict[str, float] = {}
+        for position, (protocol, numbers) in enumerate(self.evaluate_all(evaluate, recalibration)):
+            suffix = metric_suffix(position, protocol)
+            metrics[f"test/acc{suffix}"] = numbers["test/acc"]
+            metrics[f"test/loss{suffix}"] = numbers["test/loss"]
+        return metrics
 
     def _load_client(self, client: int, model: nn.Module) -> None:
         """Client `client`'s kept tensors into `model` on every rank: its owner puts them in a

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fedlit.algorithms.base import Algorithm
+from fedlit.config import OptimizerFactory
 
 
 def freeze_inactive(model: nn.Module, trainable: Collection[str]) -> None:
@@ -58,3 +59,25 @@ def train_client(
             on_batch_end(steps, loss.detach())
         steps += 1
     return loss_sum, steps
+
+
+def make_optimizer(factory: OptimizerFactory | None, params: list[nn.Parameter]):
+    """The client's optimizer, built anew for every client and round (plain SGD, lr 0.01, when
+    trainer.optimizer is unset)."""
+    if factory is None:
+        return torch.optim.SGD(params, lr=0.01)
+    return factory(params)
+
+
+def seed_device_generator(device: torch.device, seed: int) -> None:
+    """Seed the default generator of `device` only (dropout and other layers draw from it).
+
+    torch.manual_seed also seeds every other backend; on a machine where CUDA is never
+    initialised it queues that call with a formatted stack trace each time, which costs 0.4 ms
+    and grows a list per client per round.
+    """
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)

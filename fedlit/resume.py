@@ -30,10 +30,10 @@ import torch.distributed as dist
 import yaml
 
 from fedlit.checkpoint import load_checkpoint
-from fedlit.models.layers import Layer
 from fedlit.state import merge_states
 
 if TYPE_CHECKING:
+    from fedlit.config import RunConfig
     from fedlit.context import Context
 
 CHECKPOINT_VERSION = 4
@@ -142,15 +142,59 @@ def gather_client_states(context: Context) -> dict[str, Any] | None:
     return merge_states(gathered) if context.rank == 0 else None
 
 
-def first_nonfinite_layer(layers: list[Layer], model: torch.nn.Module) -> str | None:
-    """The first layer of the layer map with a NaN or inf parameter or float buffer."""
-    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    floats = [t for t in tensors.values() if t.is_floating_point()]
-    if bool(torch.stack([torch.isfinite(t).all() for t in floats]).all()):  # one device read
-        return None
-    for layer in layers:
-        for name in (*layer.params, *layer.buffers):
-            t = tensors[name]
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                return f"{layer.name} ({name})"
-    return None
+def checkpoint_state(
+    run: RunConfig,
+    round_idx: int,
+    global_model: torch.nn.Module,
+    history: list[dict[str, Any]],
+    costs: Any,
+    server: Any,
+    clients: dict[str, Any],
+    world_size: int,
+    wandb_id: str | None,
+) -> dict[str, Any]:
+    """What last.ckpt holds (see the module)."""
+    return {
+        "format": "fedlit",
+        "version": CHECKPOINT_VERSION,
+        "round": round_idx,
+        "seed": run.seed,
+        "model": {k: v.detach().cpu() for k, v in global_model.state_dict().items()},
+        "metrics": history,
+        "comm_bytes": costs.comm_bytes,
+        "costs": costs.state_dict(),
+        "config": run.config_yaml,
+        "wandb_id": wandb_id,
+        "world_size": world_size,
+        "clients": clients,
+        "algorithm": state_of(run.algorithm),
+        "server": state_of(server),
+        "callbacks": [state_of(c) for c in run.callbacks],
+    }
+
+
+def restore(
+    state: dict[str, Any],
+    run: RunConfig,
+    context: Context,
+    models: list[torch.nn.Module],
+    costs: Any,
+    server: Any,
+) -> list[dict[str, Any]]:
+    """Put a checkpoint's state back (after set-up and on_fit_start): the global weights into
+    `models`, the costs, this rank's clients' state, the algorithm's, the server step's and the
+    callbacks'; returns the metric history."""
+    for model in models:
+        model.load_state_dict(state["model"])
+    costs.load_state_dict(state["costs"])
+    context.state.load_state_dict(state["clients"], context.owns)
+    load_state_of(run.algorithm, state["algorithm"], "the algorithm")
+    load_state_of(server, state["server"], "the server step")
+    if len(state["callbacks"]) != len(run.callbacks):
+        raise ValueError(
+            f"the checkpoint has the state of {len(state['callbacks'])} callbacks, the run has "
+            f"{len(run.callbacks)}"
+        )
+    for callback, saved in zip(run.callbacks, state["callbacks"], strict=True):
+        load_state_of(callback, saved, type(callback).__name__)
+    return [dict(m) for m in state["metrics"]]

@@ -345,7 +345,7 @@ def _two_rank_worker(rank: int, port: int, run_dir: str) -> None:
     run = make_run(Path(run_dir), two_rank_algorithm(), rounds=ROUNDS, eval_every=2)
     try:
         fed = prepare(run)
-        assert fed.world_size == 2
+        assert fed.context.world_size == 2
         # a file, not a queue: shared-memory tensors would die with this process
         torch.save(run_rounds(fed, ROUNDS), Path(run_dir) / f"rank{rank}.pt")
     finally:

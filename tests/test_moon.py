@@ -326,7 +326,7 @@ def run_moon(run_dir) -> dict:
     for round_idx in range(1, ROUNDS + 1):
         run_round(fed, round_idx)
     result = {
-        "rank": fed.rank,
+        "rank": fed.context.rank,
         "moon": fed.context.state.state_dict(),
         "trained": recorder.last,
         "rounds": recorder.rounds,
