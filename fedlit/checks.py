@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from fedlit.clients import clients_per_round
 from fedlit.config import RunConfig
-from fedlit.eval_bn import parse_protocols
 from fedlit.hooks import defines
 from fedlit.launch import launch_settings
+from fedlit.protocols import parse_protocols
 from fedlit.schedule import layer_selectors
 
 

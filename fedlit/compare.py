@@ -24,9 +24,9 @@ import yaml
 from rich.table import Table
 
 from fedlit.costs import GB, TFLOP
-from fedlit.eval_bn import parse_protocols
 from fedlit.loggers import method_label, read_metrics
 from fedlit.plots import plot_accuracy_vs_comm, plot_comparison
+from fedlit.protocols import parse_protocols
 
 
 @dataclass

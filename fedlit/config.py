@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from fedlit.eval_bn import parse_protocols
+from fedlit.protocols import parse_protocols
 
 if TYPE_CHECKING:
     from fedlit.data.config import DataConfig

@@ -49,10 +49,7 @@ from fedlit.data.datasets import DataBundle, load_dataset
 from fedlit.data.device import DeviceData
 from fedlit.data.partition import Partition, make_partition
 from fedlit.divergence import NO_CLIENT, check_finite
-from fedlit.eval_bn import (
-    EvalModels,
-    parse_protocols,
-)
+from fedlit.eval_bn import EvalModels
 from fedlit.evaluation import (
     SpreadOverClients,
     client_accuracy,
@@ -65,6 +62,7 @@ from fedlit.local import freeze_inactive, make_optimizer, seed_device_generator,
 from fedlit.local_tensors import local_classes, local_tensor_names
 from fedlit.models.layers import Layer, check_layer_map
 from fedlit.observers import dashboard_id, make_observers
+from fedlit.protocols import parse_protocols
 from fedlit.resume import checkpoint_state, gather_client_states, restore
 from fedlit.schedule import layers_of_round
 from fedlit.state import ClientState

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedlit.eval_bn import metric_suffix, parse_protocols
+from fedlit.protocols import metric_suffix, parse_protocols
 
 
 def summarize(

@@ -12,11 +12,13 @@ from typing import Any
 import torch
 
 from fedlit.algorithms import FedAvg
+from fedlit.checkpoint import load_checkpoint
 from fedlit.config import LoggerConfig, RunConfig, TrainerConfig, WandbConfig
 from fedlit.context import Context
 from fedlit.data.config import DataConfig
 from fedlit.engine import Federation, prepare
 from fedlit.hooks import call_all
+from fedlit.models import CNN
 
 
 def tiny_run(
@@ -135,3 +137,32 @@ class GradRecorder:
 
     def on_client_end(self, model: torch.nn.Module) -> None:
         self.with_grad.append({n for n, p in model.named_parameters() if p.grad is not None})
+
+
+def digits_run(tmp_path: Path, algorithm: Any = None, rounds: int = 2, **trainer: Any) -> RunConfig:
+    """A tiny run of the CNN on the digits with plain SGD, for comparing methods."""
+    model = partial(CNN, padding=2)
+    trainer.setdefault("optimizer", partial(torch.optim.SGD, lr=0.05))
+    return tiny_run(
+        tmp_path, model=model, algorithm=algorithm or FedAvg(), rounds=rounds, **trainer
+    )
+
+
+def final_model(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The global model of a finished run's last checkpoint."""
+    return load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["model"]
+
+
+# The spec's ResNet-8 layers (../shared/specs/fedpart.md), in forward order.
+RESNET8_LAYERS = [
+    "stem",
+    "s1.conv1",
+    "s1.conv2",
+    "s2.conv1",
+    "s2.conv2",
+    "s2.downsample",
+    "s3.conv1",
+    "s3.conv2",
+    "s3.downsample",
+    "fc",
+]

@@ -1,13 +1,15 @@
 """The config surface: every shipped YAML parses, and bad input stops before training."""
 
+from __future__ import annotations
+
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import ROOT
 from fedlit.cli import build_parser, main
 
-ROOT = Path(__file__).resolve().parents[1]
 # Complete configs; the overlays of configs/results (no model of their own) are parsed on top of
 # the configs they reduce, row by row, in tests/test_reproduce.py.
 CONFIGS = sorted(
@@ -202,3 +204,18 @@ def test_callbacks_from_the_config_receive_the_hooks(quickstart, tmp_path, monke
 def test_bad_callbacks_are_refused_before_training(quickstart, capsys, spec, expected):
     err = fail_message(capsys, ["fit", "--config", str(quickstart), "--callbacks", spec])
     assert expected in err
+
+
+# ---- the official configs ---------------------------------------------------------------------
+
+
+def test_every_official_config_says_where_each_choice_comes_from():
+    configs = sorted((ROOT / "configs" / "official").glob("*.yaml"))
+    assert len(configs) >= 8
+    for path in configs:
+        text = path.read_text()
+        header = [line for line in text.splitlines() if line.startswith("#")]
+        assert len(header) >= 8, path.name
+        assert "official" in text.lower()
+        config = yaml.safe_load(text)
+        assert config["model"]["init_args"]["init"] == "official", path.name

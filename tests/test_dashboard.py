@@ -13,13 +13,13 @@ import pytest
 import yaml
 from test_engine import make_run
 
+from conftest import ROOT
 from fedlit.cli import build_parser
 from fedlit.config import LoggerConfig, WandbConfig
 from fedlit.dashboard import has_api_key, layer_series, open_dashboard, resolve_mode
 from fedlit.engine import fit
 from fedlit.loggers import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "wandb").glob("*.yaml"))
 
 

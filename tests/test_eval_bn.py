@@ -16,6 +16,7 @@ import torch
 import yaml
 from torch import nn
 
+from conftest import ROOT
 from fedlit.algorithms import FedAvg, FedMR, FedProx
 from fedlit.checkpoint import load_checkpoint
 from fedlit.cli import main
@@ -26,20 +27,14 @@ from fedlit.data.config import DataConfig
 from fedlit.data.datasets import load_dataset
 from fedlit.data.device import DeviceData
 from fedlit.engine import check_before_launch, fit
-from fedlit.eval_bn import (
-    Protocol,
-    parse_protocols,
-    recalibrate,
-    recalibration_indices,
-    recalibration_shares,
-)
+from fedlit.eval_bn import recalibrate, recalibration_indices, recalibration_shares
 from fedlit.evaluation import evaluate_global
 from fedlit.local_tensors import bn_stat_names, check_local, local_tensor_names
 from fedlit.loggers import read_metrics
 from fedlit.models import CNN, VGG11
+from fedlit.protocols import Protocol, parse_protocols
 from runs import start, tiny_run
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_VGG = partial(VGG11, cfg=(4, "M", 8, "M", 8, "M"))
 VGG_SPEC = '{"class_path": "fedlit.models.VGG11", "init_args": {"cfg": [4, "M", 8, "M", 8, "M"]}}'
 PROTOCOLS = ["averaged", "client:0", "recalibrated"]

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 VALUES = Path(__file__).with_name("regression_values.json")
 COMMON = [
     "--trainer.devices", "1",

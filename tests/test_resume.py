@@ -20,6 +20,7 @@ import yaml
 import fedlit.engine as engine
 from callbacks.inertia import LayerInertia
 from callbacks.sparsity import TransientSparsity
+from conftest import ROOT
 from fedlit.algorithms import MOON, FedAvg, FedMR
 from fedlit.checkpoint import load_checkpoint, save_checkpoint
 from fedlit.cli import main
@@ -30,7 +31,6 @@ from fedlit.models import CNN
 from fedlit.resume import config_differences, load_for_resume
 from runs import tiny_run
 
-ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 4
 LAST = Path("checkpoints") / "last.ckpt"
 
@@ -384,3 +384,93 @@ def test_more_ranks_than_clients_per_round_leaves_ranks_idle_but_in_step(tmp_pat
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_end(one, two)
+
+
+# ---- across ranks and resumes -----------------------------------------------------------------
+
+SETTINGS = {
+    "scaffold_fedadam": {
+        "algorithm": {"class_path": "fedlit.algorithms.SCAFFOLD"},
+        "trainer": {"optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05}}},
+        "server_optimizer": {"class_path": "fedlit.server.FedAdam", "init_args": {"lr": 0.01}},
+    },
+    "feddyn_fedavgm": {
+        "algorithm": {"class_path": "fedlit.algorithms.FedDyn", "init_args": {"alpha": 0.1}},
+        "server_optimizer": {
+            "class_path": "fedlit.server.ServerSGD",
+            "init_args": {"lr": 1.0, "momentum": 0.5},
+        },
+    },
+    "fednova": {"algorithm": {"class_path": "fedlit.algorithms.FedNova"}},
+}
+
+
+def method_config(tmp_path: Path, setting: str) -> Path:
+    config = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    config["trainer"].update(
+        devices=1, rounds=4, local_epochs=1, cpu_threads=1, checkpoint_every=1,
+        clients_per_round=3, personal_eval=False,
+    )  # fmt: skip
+    config["data"].update(num_clients=4, local_test="none")
+    config["logger"] = {"quiet": True, "plots": False, "wandb": {"mode": "disabled"}}
+    setting = dict(SETTINGS[setting])
+    config["trainer"].update(setting.pop("trainer", {}))
+    config.update(setting)
+    path = tmp_path / f"{setting}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def on_two_ranks(config: Path, run_dir: Path, *extra: str) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("FEDLIT_FAULT", None)
+    command = [sys.executable, "-m", "fedlit", "fit", "--config", str(config)]
+    done = subprocess.run(
+        [*command, "--run_dir", str(run_dir), "--trainer.devices", "2", *extra],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def untimed(run_dir: Path) -> list[dict]:
+    return [
+        {k: v for k, v in m.items() if not k.startswith("time/")}
+        for m in read_metrics(run_dir / "metrics.jsonl")
+    ]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert untimed(a) == untimed(b)
+    state_a, state_b = (
+        load_checkpoint(a / "checkpoints" / "last.ckpt"),
+        load_checkpoint(b / "checkpoints" / "last.ckpt"),
+    )
+    assert all(torch.equal(v, state_b["model"][k]) for k, v in state_a["model"].items())
+    assert state_a["clients"].keys() == state_b["clients"].keys()
+    for store, entries in state_a["clients"].items():
+        assert entries.keys() == state_b["clients"][store].keys(), store
+        for client, tensors in entries.items():
+            other = state_b["clients"][store][client]
+            assert all(torch.equal(t, other[n]) for n, t in tensors.items()), (store, client)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_one_and_two_ranks_and_resumes_across_them_are_bitwise_equal(tmp_path, setting):
+    """Rounds 1-2 on 2 ranks then 3-4 on 1, and rounds 1-2 on 1 then 3-4 on 2, against 4
+    rounds on 1 rank. FedNova keeps no state: 4 rounds on 2 ranks suffice."""
+    config = method_config(tmp_path, setting)
+    whole = tmp_path / "whole"
+    main(["fit", "--config", str(config), "--run_dir", str(whole)])
+    if setting == "fednova":
+        on_two_ranks(config, tmp_path / "two")
+        assert_same_run(whole, tmp_path / "two")
+        return
+    down = tmp_path / "down"  # 2 ranks for 2 rounds, then 1 rank
+    on_two_ranks(config, down, "--trainer.rounds", "2")
+    main(["fit", "--config", str(config), "--run_dir", str(down), "--resume", "auto"])
+    assert_same_run(whole, down)
+    up = tmp_path / "up"  # 1 rank for 2 rounds, then 2 ranks
+    main(["fit", "--config", str(config), "--run_dir", str(up), "--trainer.rounds", "2"])
+    on_two_ranks(config, up, "--resume", "auto")
+    assert_same_run(whole, up)

@@ -2,7 +2,6 @@
 reduces its numbers in one collective, logs and draws them, and agrees across rank counts."""
 
 from functools import partial
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,11 +9,11 @@ import yaml
 from test_engine import make_run
 
 from callbacks.probes import LayerPeeledProbe, plan_taps
+from conftest import ROOT
 from fedlit.engine import fit, prepare, run_round
 from fedlit.loggers import read_metrics
 from fedlit.models import VGG11
 
-ROOT = Path(__file__).resolve().parents[1]
 # a small VGG with BatchNorm: conv1 (8 channels), conv2 (16), fc
 TINY_VGG = partial(VGG11, cfg=(8, "M", 16, "M"))
 

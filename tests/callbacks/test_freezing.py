@@ -9,7 +9,6 @@ import pytest
 import torch
 import yaml
 from rich.console import Console
-from test_models import RESNET8_LAYERS
 
 from callbacks.freezing import FedPartSchedule
 from fedlit.algorithms import MOON, FedAvg, FedMR, FedProx
@@ -18,7 +17,7 @@ from fedlit.data.config import DataConfig
 from fedlit.engine import fit, prepare, run_round
 from fedlit.models import CNN, ResNet8
 from fedlit.schedule import planned_layers, schedule_table, segments
-from runs import GradRecorder, start, tiny_run
+from runs import RESNET8_LAYERS, GradRecorder, start, tiny_run
 
 FULL = None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from fedlit.data.partition import (
     Partition,
     PartitionError,
     dirichlet,
+    dirichlet_capped,
     iid,
     iid_overlap,
     label_counts,
@@ -21,6 +23,10 @@ from fedlit.data.partition import (
     make_partition,
     shards,
 )
+from fedlit.engine import fit
+from fedlit.loggers import read_metrics
+from fedlit.models import CNN
+from runs import tiny_run
 
 
 def rng(seed: int = 0) -> np.random.Generator:
@@ -225,3 +231,43 @@ def test_every_client_needs_a_training_sample():
     bundle = label_bundle(np.arange(5) % 2, np.array([0, 1]))
     with pytest.raises(PartitionError, match="data.num_clients=8"):
         make_partition(DataConfig(num_clients=8), bundle, 0)
+
+
+# ---- FedMR's capped Dirichlet split -----------------------------------------------------------
+
+
+def test_capped_dirichlet_gives_no_later_class_to_a_full_client():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 500)
+    rng.shuffle(labels)
+    clients = 20
+    parts = dirichlet_capped(labels, clients, 0.1, np.random.default_rng(1), min_samples=10)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(labels)))  # a partition
+    assert min(len(p) for p in parts) >= 10
+    counts = np.stack([np.bincount(labels[p], minlength=10) for p in parts])
+    cap = len(labels) / clients
+    held = np.zeros(clients)
+    for c in range(10):  # classes are dealt in order; full clients get none of class c
+        assert np.all(counts[held >= cap, c] == 0), c
+        held += counts[:, c]
+    # the cap keeps the largest client far below the uncapped rule's
+    uncapped = dirichlet(labels, clients, 0.1, np.random.default_rng(1), min_samples=10)
+    assert max(len(p) for p in parts) < max(len(p) for p in uncapped)
+    again = dirichlet_capped(labels, clients, 0.1, np.random.default_rng(1), min_samples=10)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+
+
+def test_capped_dirichlet_fails_with_a_message_instead_of_looping():
+    labels = np.repeat(np.arange(2), 10)
+    with pytest.raises(PartitionError, match="dirichlet_capped: 30 clients x data.min_samples"):
+        dirichlet_capped(labels, 30, 0.1, np.random.default_rng(0), min_samples=10)
+    with pytest.raises(PartitionError, match="could not give each of the 5 clients"):
+        dirichlet_capped(labels, 5, 0.01, np.random.default_rng(0), min_samples=4, max_attempts=3)
+
+
+def test_capped_dirichlet_is_a_partition_setting(tmp_path):
+    data = DataConfig(num_clients=10, partition="dirichlet_capped", alpha=0.3, min_samples=10)
+    fit(tiny_run(tmp_path, model=partial(CNN, padding=2), data=data, rounds=1))
+    assert read_metrics(tmp_path / "metrics.jsonl")[-1]["test/acc"] > 0
+    with pytest.raises(ValueError, match="data.samples_per_client is only used by"):
+        DataConfig(partition="dirichlet_capped", samples_per_client=20)

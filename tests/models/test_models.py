@@ -25,6 +25,7 @@ from fedlit.models import (
     layers_from_modules,
 )
 from fedlit.models.vgg import VGG11_FULL
+from runs import RESNET8_LAYERS
 
 NUM_CLASSES = 7
 
@@ -135,18 +136,6 @@ def test_layer_map_is_in_forward_order(case: str) -> None:
 
 
 # ../shared/specs/fedpart.md: ResNet-8's 10 layers, shallow to deep (FedPart's schedule order)
-RESNET8_LAYERS = [
-    "stem",
-    "s1.conv1",
-    "s1.conv2",
-    "s2.conv1",
-    "s2.conv2",
-    "s2.downsample",
-    "s3.conv1",
-    "s3.conv2",
-    "s3.downsample",
-    "fc",
-]
 
 
 def test_resnet8_layers_are_fedparts_ten() -> None:

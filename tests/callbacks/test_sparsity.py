@@ -1,11 +1,15 @@
 """TransientSparsity (LIPS): schedule, exact per-tensor zero counts, per-client masks."""
 
+from __future__ import annotations
+
 import math
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from torch import nn
 
 from callbacks.sparsity import (
     TransientSparsity,
@@ -16,7 +20,9 @@ from callbacks.sparsity import (
     zero_lowest,
 )
 from conftest import ROOT
+from fedlit.algorithms import FedAvg
 from fedlit.cli import main
+from fedlit.data.config import DataConfig
 from fedlit.engine import fit, run_round
 from fedlit.loggers import read_metrics
 from fedlit.models import CNN, VGG11, ResNet8
@@ -257,3 +263,85 @@ def test_two_ranks_log_what_one_rank_logs(cli, tmp_path):
             if key.startswith(("layer/", "sparsity/")):
                 assert two[key] == pytest.approx(one[key], rel=1e-9, abs=1e-12), key
     assert (tmp_path / "ranks2" / "plots" / "inertia_cosine.png").exists()
+
+
+# ---- LIPS's official timing -------------------------------------------------------------------
+
+TINY_VGG = partial(VGG11, cfg=(4, "M", 8, "M", 8, "M"))
+
+
+class Density:
+    """Density of the eligible weights each client starts training with, per round."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, list[float]] = {}
+
+    def on_fit_start(self, context) -> None:
+        self.eligible = list(eligible_tensors(context.global_model, context.layers))
+
+    def on_client_start(self, round: int, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        kept = sum(int(torch.count_nonzero(params[n])) for n in self.eligible)
+        total = sum(params[n].numel() for n in self.eligible)
+        self.seen.setdefault(round, []).append(kept / total)
+
+
+def lips_run(tmp_path: Path, sparsity: TransientSparsity, density: Density):
+    return tiny_run(
+        tmp_path,
+        model=TINY_VGG,
+        algorithm=FedAvg(local=["bn_stats", "bn_affine", "bias"]),
+        callbacks=[sparsity, density],
+        rounds=4,
+        personal_eval=True,
+        data=DataConfig(
+            num_clients=4, partition="dirichlet", min_samples=20,
+            local_test="label_mix", local_test_size=20,
+        ),
+    )  # fmt: skip
+
+
+def test_after_aggregation_sparsifies_the_model_trained_next_round_never_the_initial(tmp_path):
+    sparsity = TransientSparsity(
+        period=2, initial_density=0.5, timing="after_aggregation", horizon=100
+    )
+    density = Density()
+    fit(lips_run(tmp_path, sparsity, density))
+    mean = {r: sum(v) / len(v) for r, v in density.seen.items()}
+    assert mean[1] == 1.0  # the initial model is never sparsified
+    assert mean[2] == pytest.approx(0.5, abs=0.01)  # event of round 1: d = 0.5
+    assert mean[3] == 1.0  # round 2 is no event (period 2: rounds 1, 3, ...)
+    assert mean[4] == pytest.approx(0.5 + 0.5 * 2 / 100, abs=0.01)  # horizon 100, not 4
+    metrics = {m["round"]: m for m in read_metrics(tmp_path / "metrics.jsonl")}
+    assert "sparsity/target_density" not in metrics[1]
+    assert metrics[2]["sparsity/target_density"] == 0.5
+    assert metrics[4]["sparsity/target_density"] == pytest.approx(0.51)
+
+
+def test_after_aggregation_evaluates_the_sparse_model_the_clients_receive(tmp_path):
+    """Round 1's personalised accuracy after aggregation is that of the sparsified models: a
+    run that sparsifies them differs from one that does not only from round 1's evaluation on."""
+    runs = {}
+    for timing in ("after_aggregation", "client_start"):
+        sparsity = TransientSparsity(period=2, initial_density=0.2, timing=timing, horizon=100)
+        fit(lips_run(tmp_path / timing, sparsity, Density()))
+        runs[timing] = {m["round"]: m for m in read_metrics(tmp_path / timing / "metrics.jsonl")}
+    after, start = runs["after_aggregation"], runs["client_start"]
+    # client_start sparsified round 1's training, after_aggregation round 1's received model
+    assert after[1]["personal/acc_local"] != start[1]["personal/acc_local"]
+    plain_density = Density()
+    fit(
+        lips_run(
+            tmp_path / "none", TransientSparsity(period=1000, initial_density=1.0), plain_density
+        )
+    )
+    plain = {m["round"]: m for m in read_metrics(tmp_path / "none" / "metrics.jsonl")}
+    assert after[1]["personal/acc_local"] == plain[1]["personal/acc_local"]  # same training
+    assert after[1]["personal/acc_global"] != plain[1]["personal/acc_global"]  # sparse received
+
+
+def test_sparsity_timing_and_horizon_are_checked():
+    with pytest.raises(ValueError, match="timing must be one of"):
+        TransientSparsity(timing="end")
+    with pytest.raises(ValueError, match="horizon must be null"):
+        TransientSparsity(horizon=0)

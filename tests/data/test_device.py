@@ -211,3 +211,32 @@ def test_rotation_is_validated():
         DataConfig(dataset="digits", rotation=200)
     with pytest.raises(ValueError, match="data.rotation augment images"):
         DataConfig(dataset="synthetic", partition="natural", rotation=10)
+
+
+# ---- normalisation ----------------------------------------------------------------------------
+
+
+def test_explicit_normalisation_replaces_the_dataset_statistics():
+    bundle = load_dataset(DataConfig())
+    data = DeviceData(bundle, torch.device("cpu"), mean=[0.5], std=[0.5])
+    x, _ = next(data.eval_batches("test", None, 16))
+    raw = bundle.test.x[:16].float() / 255.0
+    assert torch.allclose(x, (raw - 0.5) / 0.5, atol=1e-6)
+    plain = DeviceData(bundle, torch.device("cpu"), normalize=False)
+    assert torch.allclose(next(plain.eval_batches("test", None, 16))[0], raw, atol=1e-7)
+    with pytest.raises(ValueError, match=r"data.norm_mean has 3 values; digits images have 1"):
+        DeviceData(bundle, torch.device("cpu"), mean=[0.5, 0.5, 0.5], std=[0.5])
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(norm_mean=[0.5]), "go together"),
+        (dict(norm_mean=[0.5], norm_std=[0.0]), "norm_std value > 0"),
+        (dict(norm_mean=[0.5], norm_std=[0.5], normalize=False), "need data.normalize true"),
+        (dict(norm_mean=[0.5], norm_std=[0.5], dataset="synthetic"), "feature vectors"),
+    ],
+)
+def test_normalisation_settings_are_checked(settings, message):
+    with pytest.raises(ValueError, match=message):
+        DataConfig(**settings)
