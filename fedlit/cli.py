@@ -20,12 +20,14 @@ from jsonargparse import (
     lazy_instance,
     set_parsing_settings,
 )
+from torch import nn
 
 from fedlit.algorithms import Algorithm, FedAvg
 from fedlit.config import LoggerConfig, ModelFactory, RunConfig, TrainerConfig
 from fedlit.data.config import DataConfig
 from fedlit.divergence import DivergenceError
 from fedlit.engine import prepare, train
+from fedlit.models.build import DATA_ARGUMENTS, ModelSpec
 from fedlit.resume import load_for_resume, resolve_resume
 from fedlit.server import ServerOptimizer
 
@@ -54,8 +56,9 @@ def run_arguments(
         run_dir: Where config.yaml, metrics.jsonl, summary.json, plots/ and checkpoints/ go.
         trainer: Rounds, ranks, sampling, local training and schedules.
         data: Dataset, partition and augmentation.
-        model: class_path of a model in fedlit.models (num_classes and input_shape come from
-            the data) and its init_args.
+        model: class_path of any torch.nn.Module (a class, or a function returning one such as
+            torchvision.models.resnet18) and its init_args; num_classes and input_shape come
+            from the data and are passed when the constructor names them.
         algorithm: class_path of the federated algorithm and its init_args.
         callbacks: Plain objects with hook methods (class_path/init_args each).
         server_optimizer: How the server steps towards the clients' average (fedlit.server:
@@ -70,7 +73,20 @@ def build_run_parser(description: str = "", resumable: bool = False) -> Argument
     (and, for `fit`, the resume options, which are not part of the saved config)."""
     parser = ArgumentParser(description=description)
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML config file.")
-    parser.add_function_arguments(run_arguments)
+    parser.add_function_arguments(run_arguments, skip={"model"})
+    # any nn.Module: the constructor's arguments are validated here, except the two the data
+    # decide, which fedlit.models.build passes by name once the data are loaded
+    parser.add_subclass_arguments(
+        nn.Module,
+        "model",
+        skip=set(DATA_ARGUMENTS),
+        required=False,
+        instantiate=False,
+        help=(
+            "class_path of any torch.nn.Module (or a function returning one) and its "
+            "init_args; num_classes and input_shape come from the data."
+        ),
+    )
     if resumable:
         parser.add_argument(
             "--resume",
@@ -181,6 +197,8 @@ def to_run_config(parser: ArgumentParser, cfg: Namespace) -> RunConfig:
         fail(str(error))
     if init.model is None:
         fail("model is required: e.g. model: {class_path: fedlit.models.CNN, init_args: {...}}")
+    spec = init.model.as_dict() if isinstance(init.model, Namespace) else dict(init.model)
+    model = ModelSpec(spec["class_path"], dict(spec.get("init_args") or {}))
     sections = cfg[command].clone()
     for key in RESUME_KEYS:
         sections.pop(key, None)
@@ -190,7 +208,7 @@ def to_run_config(parser: ArgumentParser, cfg: Namespace) -> RunConfig:
         run_dir=Path(init.run_dir),
         trainer=init.trainer,
         data=init.data,
-        model=init.model,
+        model=model,
         algorithm=init.algorithm,
         callbacks=callbacks,
         server_optimizer=init.server_optimizer,

@@ -60,7 +60,7 @@ from fedlit.hooks import call, call_all, defines
 from fedlit.launch import launch, launch_settings, leave_process_group
 from fedlit.local import freeze_inactive, make_optimizer, seed_device_generator, train_client
 from fedlit.local_tensors import local_classes, local_tensor_names
-from fedlit.models.layers import Layer, check_layer_map
+from fedlit.models.layers import Layer, check_layer_map, layer_map_of
 from fedlit.observers import dashboard_id, make_observers
 from fedlit.protocols import parse_protocols
 from fedlit.resume import checkpoint_state, gather_client_states, restore
@@ -135,7 +135,7 @@ def load(run: RunConfig) -> Loaded:
     torch.manual_seed(stream_seed(run.seed, Stream.INIT))
     model = run.model(bundle.num_classes, tuple(bundle.input_shape))
     model = call(run.algorithm, "build_model", model=model) or model
-    layers = model.layer_map()
+    layers = layer_map_of(model)
     check_layer_map(model, layers)
     # e.g. a schedule naming layers the model does not have
     call_all(run.callbacks, "check_layers", layers=layers)

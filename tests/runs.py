@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from fedlit.algorithms import FedAvg
 from fedlit.checkpoint import load_checkpoint
@@ -166,3 +167,58 @@ RESNET8_LAYERS = [
     "s3.downsample",
     "fc",
 ]
+
+
+def toy_images(
+    n_train: int = 96, n_test: int = 32, size: int = 16, classes: int = 4, seed: int = 0
+):
+    """A data source for `data.dataset: custom`: random RGB images as an (x, y) pair per
+    split, the class a function of the mean colour so that a model can learn it."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, classes, (n,), generator=generator)
+        x = torch.randint(0, 128, (n, 3, size, size), generator=generator, dtype=torch.uint8)
+        x[:, 0] += (y * (127 // classes)).to(torch.uint8)[:, None, None]
+        return x, y
+
+    return split(n_train), split(n_test)
+
+
+class ToyDataset(torch.utils.data.Dataset):
+    """A torch Dataset of (PIL image, label) items, as torchvision's datasets return them."""
+
+    classes = ["a", "b", "c"]
+
+    def __init__(self, n: int = 30, size: int = 8) -> None:
+        from PIL import Image
+
+        generator = torch.Generator().manual_seed(n)
+        pixels = torch.randint(0, 256, (n, size, size, 3), generator=generator, dtype=torch.uint8)
+        self.images = [Image.fromarray(p.numpy()) for p in pixels]
+        self.labels = [i % 3 for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return self.images[index], self.labels[index]
+
+
+def toy_dataset_splits():
+    """A custom source returning Datasets: a dict with train and test."""
+    return {"train": ToyDataset(30), "test": ToyDataset(12)}
+
+
+class TinyMLP(nn.Module):
+    """A user's model: its own argument names, no layer_map(), no features()."""
+
+    def __init__(self, num_classes: int, in_features: int = 64, hidden: int = 16) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Flatten(), nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU()
+        )
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))

@@ -36,7 +36,7 @@ from fedlit.algorithms.base import StepResult, Upload
 from fedlit.clients import Stream, owner, stream_seed
 from fedlit.comm import FlatLayout, copy_into, named_tensors
 from fedlit.context import Context, RoundPlan
-from fedlit.models.layers import Layer
+from fedlit.models.layers import Layer, layer_map_of
 
 Unit = Literal["layer", "tensor"]
 
@@ -88,7 +88,7 @@ class FedMR:
 
     def build_model(self, model: nn.Module) -> None:
         """Reject a partition count the model cannot take, before any rank starts."""
-        units = len(slot_layout(model, model.layer_map(), self.unit).units)
+        units = len(slot_layout(model, layer_map_of(model), self.unit).units)
         if self.partitions > units:
             raise ValueError(
                 f"algorithm.partitions must be between 1 and the number of units of "

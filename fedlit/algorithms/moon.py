@@ -32,7 +32,7 @@ from fedlit.algorithms.base import BufferPolicy, check_buffers
 from fedlit.comm import copy_into, named_tensors
 from fedlit.context import Context
 from fedlit.local_tensors import LocalClass, check_local
-from fedlit.models.layers import Layer, layers_from_modules
+from fedlit.models.layers import Layer, layer_map_of, layers_from_modules
 from fedlit.state import ClientStore
 
 
@@ -81,13 +81,16 @@ class MoonModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, projection_dim: int | None = 256) -> None:
         super().__init__()
-        needs = ("features", "feature_dim", "layer_map")
-        if any(getattr(backbone, name, None) is None for name in needs):
+        needs = ("features", "feature_dim")
+        missing = [name for name in needs if getattr(backbone, name, None) is None]
+        if missing:
             raise ValueError(
-                "MOON needs a model with features(x), feature_dim and layer_map() (every "
-                f"fedlit.models class has them); {type(backbone).__name__} lacks some of them"
+                "MOON contrasts the representation its model computes before the classifier: "
+                f"it needs features(x) and feature_dim, and {type(backbone).__name__} has no "
+                f"{' or '.join(missing)} (every fedlit.models class has both; give your model "
+                "a features(x) returning the classifier's input and its width as feature_dim)"
             )
-        backbone_layers = backbone.layer_map()
+        backbone_layers = layer_map_of(backbone)
         classifier_path = find_classifier(backbone, backbone_layers)
         self.backbone = backbone
         self.head: nn.Sequential | None = None

@@ -11,7 +11,15 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 DatasetName = Literal[
-    "digits", "synthetic", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder"
+    "digits",
+    "synthetic",
+    "mnist",
+    "fashion_mnist",
+    "cifar10",
+    "cifar100",
+    "imagefolder",
+    "tensors",
+    "custom",
 ]
 PartitionName = Literal["iid", "iid_overlap", "dirichlet", "dirichlet_capped", "shards", "natural"]
 LocalTestName = Literal["none", "label_mix", "natural"]
@@ -35,8 +43,12 @@ class DataConfig:
     """
 
     dataset: DatasetName = "digits"
-    # torchvision root directory; for imagefolder a directory or a .tar.gz with train/ and test/.
+    # torchvision root directory; for imagefolder a directory or a .tar.gz with train/ and test/;
+    # for tensors a .npz or .pt file with x_train, y_train, x_test, y_test (fedlit.data.custom).
     root: str = "data"
+    # dataset=custom: {class_path, init_args} of a callable returning the train and test splits
+    # (torch Datasets of (x, y), or (x, y) pairs of tensors or arrays). It runs code.
+    source: dict | None = None
     # Allow torchvision to download missing files.
     download: bool = False
     # Decoded image-folder tensors are cached here (keyed by the source's path, size and mtime).
@@ -186,6 +198,12 @@ class DataConfig:
                     "data.norm_mean must be non-empty and every data.norm_std value > 0, got "
                     f"norm_mean={self.norm_mean}, norm_std={self.norm_std}"
                 )
+        if (self.dataset == "custom") != (self.source is not None):
+            raise ValueError(
+                "data.source goes with data.dataset=custom (a {class_path, init_args} callable "
+                "returning the train and test splits), got "
+                f"data.dataset={self.dataset} and data.source={self.source!r}"
+            )
         if self.coarse_labels and self.dataset not in COARSE_LABEL_DATASETS:
             raise ValueError(
                 f"data.coarse_labels is only for {list(COARSE_LABEL_DATASETS)} (CIFAR-100's 20 "

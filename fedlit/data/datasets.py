@@ -73,6 +73,12 @@ def load_dataset(config: DataConfig) -> DataBundle:
         return _load_synthetic(config)
     if config.dataset == "imagefolder":
         return _load_image_folder(config)
+    if config.dataset in ("tensors", "custom"):
+        from fedlit.data.custom import load_source, load_tensor_file
+
+        if config.dataset == "tensors":
+            return load_tensor_file(config.root)
+        return load_source(config.source)
     return _load_torchvision(config)
 
 

@@ -11,6 +11,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+# Normalisation modules join the weight layer before them in a derived layer map.
+NORMS = (_NormBase, nn.GroupNorm, nn.LayerNorm)
+WEIGHT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
+ROOT = "(root)"  # the layer of tensors the model owns directly
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,49 @@ def layers_from_modules(model: nn.Module, groups: list[tuple[str, list[str]]]) -
             buffers.extend(prefix + n for n, _ in module.named_buffers())
         layers.append(Layer(name=name, params=tuple(params), buffers=tuple(buffers)))
     return layers
+
+
+def default_layer_map(model: nn.Module) -> list[Layer]:
+    """The layer map of a model that declares none, derived from its module tree.
+
+    The rule: one layer per module that owns parameters or buffers directly, named by its module
+    path, in the order the modules are registered (the order `__init__` defines them, which is
+    the forward order of sequential architectures such as torchvision's ResNet and VGG); a
+    normalisation module (BatchNorm, GroupNorm, LayerNorm, InstanceNorm) joins the convolution or
+    linear layer just before it, so that "conv + its BN" is one layer as in fedlit's own models.
+    Tensors the root module owns directly form a layer named "(root)". A tensor shared by
+    several modules belongs to the first. A model whose registration order differs from its
+    forward order should define `layer_map()` (fedlit.models.layers.layers_from_modules).
+    """
+    layers: list[Layer] = []
+    seen: set[int] = set()
+    joinable = False  # the last layer is a conv or linear without its norm yet
+    for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
+        params = []
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                params.append(prefix + name)
+        buffers = [prefix + name for name, _ in module.named_buffers(recurse=False)]
+        if not params and not buffers:
+            continue
+        if isinstance(module, NORMS) and joinable:
+            last = layers[-1]
+            layers[-1] = Layer(
+                last.name, last.params + tuple(params), last.buffers + tuple(buffers)
+            )
+            joinable = False
+            continue
+        layers.append(Layer(path or ROOT, tuple(params), tuple(buffers)))
+        joinable = isinstance(module, WEIGHT_LAYERS)
+    return layers
+
+
+def layer_map_of(model: nn.Module) -> list[Layer]:
+    """The model's own `layer_map()`, or the one derived from its module tree."""
+    own = getattr(model, "layer_map", None)
+    return own() if callable(own) else default_layer_map(model)
 
 
 def check_layer_map(model: nn.Module, layers: list[Layer]) -> None:
