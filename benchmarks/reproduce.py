@@ -175,26 +175,9 @@ def curves_panels(
     ylabel: str,
     path: Path,
 ) -> None:
-    """One panel per (title, runs): `key` per round for each run, seeds of a method in one
-    colour."""
-    figure = Figure(figsize=(5.5 * len(panels), 4.2), dpi=120)
-    axes_list = figure.subplots(1, len(panels), squeeze=False)[0]
-    for axes, (title, runs) in zip(axes_list, panels, strict=True):
-        colours: dict[str, str] = {}
-        for label, row in runs:
-            if row.finished_rounds() == 0:
-                continue
-            colour = colours.setdefault(label, f"C{len(colours)}")
-            x, y = metric_series(row.run_dir, key)
-            named = label not in {line.get_label() for line in axes.lines}
-            axes.plot(x, y, color=colour, linewidth=1.0, alpha=0.9, label=label if named else None)
-        axes.set_title(title, fontsize=10)
-        axes.set_xlabel("round")
-        axes.set_ylabel(ylabel)
-        axes.grid(alpha=0.3)
-        if axes.lines:
-            axes.legend(fontsize=8)
-    save_figure(figure, path)
+    """One panel per (title, runs), side by side: `key` per round for each run."""
+    keyed = [(title, runs, key) for title, runs in panels]
+    protocol_panels(keyed, ylabel, path, columns=len(panels))
 
 
 # ---- FedPart ------------------------------------------------------------------------------
@@ -288,8 +271,8 @@ def protocol_panels(
     path: Path,
     columns: int,
 ) -> None:
-    """A grid of panels (title, runs, metric key): the metric per round for each run, seeds of
-    a label in one colour."""
+    """A grid of panels (title, runs, metric key): the metric per round for each run, the seeds
+    of a label in one colour."""
     rows_count = -(-len(panels) // columns)
     figure = Figure(figsize=(5.0 * columns, 3.8 * rows_count), dpi=110)
     grid = figure.subplots(rows_count, columns, squeeze=False)

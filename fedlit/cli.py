@@ -8,7 +8,6 @@ puts finished runs side by side.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from fedlit.config import LoggerConfig, ModelFactory, RunConfig, TrainerConfig
 from fedlit.data.config import DataConfig
 from fedlit.divergence import DivergenceError
 from fedlit.engine import prepare, train
+from fedlit.imports import import_path
 from fedlit.models.build import DATA_ARGUMENTS, ModelSpec
 from fedlit.resume import load_for_resume, resolve_resume
 from fedlit.server import ServerOptimizer
@@ -114,13 +114,7 @@ def build_callback(spec: Any, position: int) -> object:
         raise ValueError(
             f"{key} must be {{class_path: module.Class, init_args: {{...}}}}, got {spec!r}"
         )
-    module_name, _, class_name = spec["class_path"].rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(
-            f"{key}.class_path: cannot import {spec['class_path']!r} ({error})"
-        ) from None
+    cls = import_path(spec["class_path"], f"{key}.class_path")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--callback", type=cls)
     try:

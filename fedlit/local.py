@@ -69,6 +69,12 @@ def make_optimizer(factory: OptimizerFactory | None, params: list[nn.Parameter])
     return factory(params)
 
 
+def probe_optimizer(factory: OptimizerFactory | None) -> torch.optim.Optimizer:
+    """The client's optimizer built on a dummy parameter: its class and settings, for checks
+    made before any model exists."""
+    return make_optimizer(factory, [nn.Parameter(torch.zeros(1))])
+
+
 def seed_device_generator(device: torch.device, seed: int) -> None:
     """Seed the default generator of `device` only (dropout and other layers draw from it).
 

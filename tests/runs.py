@@ -222,3 +222,20 @@ class TinyMLP(nn.Module):
 
     def forward(self, x):
         return self.head(self.body(x))
+
+
+def fit_on_two_ranks(config: Path, run_dir: Path, *extra: str) -> None:
+    """`fedlit fit --config CONFIG` on 2 CPU ranks started by Fabric, in a subprocess."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("FEDLIT_FAULT", None)
+    command = [sys.executable, "-m", "fedlit", "fit", "--config", str(config)]
+    done = subprocess.run(
+        [*command, "--run_dir", str(run_dir), "--trainer.devices", "2", *extra],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -4,9 +4,6 @@ tensors an algorithm keeps on its clients (algorithm.local)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -33,7 +30,7 @@ from fedlit.local_tensors import bn_stat_names, check_local, local_tensor_names
 from fedlit.loggers import read_metrics
 from fedlit.models import CNN, VGG11
 from fedlit.protocols import Protocol, parse_protocols
-from runs import start, tiny_run
+from runs import fit_on_two_ranks, start, tiny_run
 
 TINY_VGG = partial(VGG11, cfg=(4, "M", 8, "M", 8, "M"))
 VGG_SPEC = '{"class_path": "fedlit.models.VGG11", "init_args": {"cfg": [4, "M", 8, "M", 8, "M"]}}'
@@ -287,17 +284,6 @@ def rank_config(tmp_path: Path) -> Path:
     return path
 
 
-def two_ranks(config: Path, run_dir: Path, *extra: str) -> None:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("FEDLIT_FAULT", None)
-    command = [sys.executable, "-m", "fedlit", "fit", "--config", str(config)]
-    done = subprocess.run(
-        [*command, "--run_dir", str(run_dir), "--trainer.devices", "2", *extra],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 def numbers(run_dir: Path) -> tuple[list[dict], dict[str, torch.Tensor], dict]:
     """Every metric but wall times, the final model, and every client's local tensors."""
     metrics = [
@@ -330,15 +316,15 @@ def test_one_and_two_ranks_and_resumes_across_them_give_identical_numbers(tmp_pa
     assert json.loads((whole / "summary.json").read_text())["eval_bn"] == "client1"
     # 2 ranks from the start (client 1, whose statistics are tested, lives on rank 1)
     both = tmp_path / "two"
-    two_ranks(config, both)
+    fit_on_two_ranks(config, both)
     assert_same_numbers(whole, both)
     # 2 ranks for 2 rounds, then 1 rank to the end
     down = tmp_path / "down"
-    two_ranks(config, down, "--trainer.rounds", "2")
+    fit_on_two_ranks(config, down, "--trainer.rounds", "2")
     main(["fit", "--config", str(config), "--run_dir", str(down), "--resume", "auto"])
     assert_same_numbers(whole, down)
     # 1 rank for 2 rounds, then 2 ranks to the end
     up = tmp_path / "up"
     main(["fit", "--config", str(config), "--run_dir", str(up), "--trainer.rounds", "2"])
-    two_ranks(config, up, "--resume", "auto")
+    fit_on_two_ranks(config, up, "--resume", "auto")
     assert_same_numbers(whole, up)

@@ -29,7 +29,7 @@ from fedlit.engine import fit
 from fedlit.loggers import read_metrics
 from fedlit.models import CNN
 from fedlit.resume import config_differences, load_for_resume
-from runs import tiny_run
+from runs import fit_on_two_ranks, tiny_run
 
 ROUNDS = 4
 LAST = Path("checkpoints") / "last.ckpt"
@@ -421,17 +421,6 @@ def method_config(tmp_path: Path, setting: str) -> Path:
     return path
 
 
-def on_two_ranks(config: Path, run_dir: Path, *extra: str) -> None:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("FEDLIT_FAULT", None)
-    command = [sys.executable, "-m", "fedlit", "fit", "--config", str(config)]
-    done = subprocess.run(
-        [*command, "--run_dir", str(run_dir), "--trainer.devices", "2", *extra],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 def untimed(run_dir: Path) -> list[dict]:
     return [
         {k: v for k, v in m.items() if not k.startswith("time/")}
@@ -463,14 +452,14 @@ def test_one_and_two_ranks_and_resumes_across_them_are_bitwise_equal(tmp_path, s
     whole = tmp_path / "whole"
     main(["fit", "--config", str(config), "--run_dir", str(whole)])
     if setting == "fednova":
-        on_two_ranks(config, tmp_path / "two")
+        fit_on_two_ranks(config, tmp_path / "two")
         assert_same_run(whole, tmp_path / "two")
         return
     down = tmp_path / "down"  # 2 ranks for 2 rounds, then 1 rank
-    on_two_ranks(config, down, "--trainer.rounds", "2")
+    fit_on_two_ranks(config, down, "--trainer.rounds", "2")
     main(["fit", "--config", str(config), "--run_dir", str(down), "--resume", "auto"])
     assert_same_run(whole, down)
     up = tmp_path / "up"  # 1 rank for 2 rounds, then 2 ranks
     main(["fit", "--config", str(config), "--run_dir", str(up), "--trainer.rounds", "2"])
-    on_two_ranks(config, up, "--resume", "auto")
+    fit_on_two_ranks(config, up, "--resume", "auto")
     assert_same_run(whole, up)

@@ -21,6 +21,7 @@ from torch import nn
 
 from fedlit.algorithms.base import RoundSums, Upload
 from fedlit.context import Context
+from fedlit.local import probe_optimizer
 
 Tensors = dict[str, torch.Tensor]
 A_NORM = "fednova/a_norm"
@@ -40,9 +41,7 @@ class FedNova:
     weighting = "samples"
 
     def setup(self, context: Context) -> None:
-        optimizer = context.trainer.optimizer
-        probe = torch.nn.Parameter(torch.zeros(1))
-        built = optimizer([probe]) if optimizer is not None else torch.optim.SGD([probe], lr=0.01)
+        built = probe_optimizer(context.trainer.optimizer)
         group = built.param_groups[0]
         if type(built) is not torch.optim.SGD or group.get("nesterov") or group.get("dampening"):
             raise ValueError(

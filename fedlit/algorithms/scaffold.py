@@ -24,6 +24,7 @@ from torch import nn
 
 from fedlit.algorithms.base import RoundSums, Upload, Weighting, check_weighting
 from fedlit.context import Context
+from fedlit.local import probe_optimizer
 
 Tensors = dict[str, torch.Tensor]
 
@@ -44,9 +45,7 @@ class SCAFFOLD:
         self._own: Tensors = {}
 
     def setup(self, context: Context) -> None:
-        optimizer = context.trainer.optimizer
-        probe = torch.nn.Parameter(torch.zeros(1))
-        built = optimizer([probe]) if optimizer is not None else torch.optim.SGD([probe], lr=0.01)
+        built = probe_optimizer(context.trainer.optimizer)
         group = built.param_groups[0]
         if type(built) is not torch.optim.SGD or group.get("momentum") or group.get("nesterov"):
             raise ValueError(

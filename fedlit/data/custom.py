@@ -19,7 +19,6 @@ Partitions, local test splits, augmentation and evaluation then work unchanged.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from fedlit.data.datasets import DataBundle, Split, channel_stats
+from fedlit.imports import import_path
 
 TENSOR_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -88,13 +88,7 @@ def resolve_source(spec: Any) -> Callable[..., Any]:
             "data.source must be {class_path: module.callable, init_args: {...}} for "
             f"data.dataset=custom, got {spec!r}"
         )
-    module_name, _, name = spec["class_path"].rpartition(".")
-    try:
-        target = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(
-            f"data.source.class_path: cannot import {spec['class_path']!r} ({error})"
-        ) from None
+    target = import_path(spec["class_path"], "data.source.class_path")
     if not callable(target):
         raise ValueError(f"data.source.class_path {spec['class_path']!r} is not callable")
     return target

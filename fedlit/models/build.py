@@ -9,7 +9,6 @@ images, (D,) for vectors). A builder that forwards `**kwargs` (torchvision's) re
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,16 +16,9 @@ from typing import Any
 
 from torch import nn
 
+from fedlit.imports import import_path
+
 DATA_ARGUMENTS = ("num_classes", "input_shape")
-
-
-def resolve(class_path: str) -> Callable[..., Any]:
-    """The class or function `class_path` names (a ValueError naming it otherwise)."""
-    module_name, _, attribute = class_path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"model.class_path: cannot import {class_path!r} ({error})") from None
 
 
 def data_arguments(target: Callable[..., Any], num_classes: int, input_shape: tuple[int, ...]):
@@ -52,7 +44,7 @@ class ModelSpec:
     init_args: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
-        target = resolve(self.class_path)
+        target = import_path(self.class_path, "model.class_path")
         arguments = {**self.init_args, **data_arguments(target, num_classes, input_shape)}
         model = target(**arguments)
         if not isinstance(model, nn.Module):

@@ -114,7 +114,9 @@ def test_a_model_without_a_recognisable_classifier_is_refused():
     with pytest.raises(ValueError, match=r"one nn.Linear with in_features=5 in the last layer"):
         MOON().build_model(Odd())
     # a plain module gets a derived layer map, but MOON needs the representation it contrasts
-    with pytest.raises(ValueError, match=r"needs features\(x\) and feature_dim, and Linear has no "):
+    with pytest.raises(
+        ValueError, match=r"needs features\(x\) and feature_dim, and Linear has no "
+    ):
         MOON().build_model(nn.Linear(2, 2))
 
 
