@@ -58,10 +58,11 @@ from fedlit.evaluation import (
 from fedlit.faults import inject_fault
 from fedlit.hooks import call, call_all, defines
 from fedlit.launch import launch, launch_settings, leave_process_group
-from fedlit.local import freeze_inactive, make_optimizer, seed_device_generator, train_client
+from fedlit.local import freeze_inactive, seed_device_generator, train_client
 from fedlit.local_tensors import local_classes, local_tensor_names
 from fedlit.models.layers import Layer, check_layer_map, layer_map_of
 from fedlit.observers import dashboard_id, make_observers
+from fedlit.optim import make_optimizer
 from fedlit.protocols import parse_protocols
 from fedlit.resume import checkpoint_state, gather_client_states, restore
 from fedlit.schedule import layers_of_round

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from fedlit.algorithms.base import Algorithm
-from fedlit.config import OptimizerFactory
 
 
 def freeze_inactive(model: nn.Module, trainable: Collection[str]) -> None:
@@ -59,20 +58,6 @@ def train_client(
             on_batch_end(steps, loss.detach())
         steps += 1
     return loss_sum, steps
-
-
-def make_optimizer(factory: OptimizerFactory | None, params: list[nn.Parameter]):
-    """The client's optimizer, built anew for every client and round (plain SGD, lr 0.01, when
-    trainer.optimizer is unset)."""
-    if factory is None:
-        return torch.optim.SGD(params, lr=0.01)
-    return factory(params)
-
-
-def probe_optimizer(factory: OptimizerFactory | None) -> torch.optim.Optimizer:
-    """The client's optimizer built on a dummy parameter: its class and settings, for checks
-    made before any model exists."""
-    return make_optimizer(factory, [nn.Parameter(torch.zeros(1))])
 
 
 def seed_device_generator(device: torch.device, seed: int) -> None:

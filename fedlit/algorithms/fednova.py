@@ -21,7 +21,7 @@ from torch import nn
 
 from fedlit.algorithms.base import RoundSums, Upload
 from fedlit.context import Context
-from fedlit.local import probe_optimizer
+from fedlit.optim import probe_optimizer
 
 Tensors = dict[str, torch.Tensor]
 A_NORM = "fednova/a_norm"

@@ -24,7 +24,7 @@ from torch import nn
 
 from fedlit.algorithms.base import RoundSums, Upload, Weighting, check_weighting
 from fedlit.context import Context
-from fedlit.local import probe_optimizer
+from fedlit.optim import probe_optimizer
 
 Tensors = dict[str, torch.Tensor]
 

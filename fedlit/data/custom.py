@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedlit.data.datasets import DataBundle, Split, channel_stats
+from fedlit.data.bundle import DataBundle, Split, channel_stats
 from fedlit.imports import import_path
 
 TENSOR_KEYS = ("x_train", "y_train", "x_test", "y_test")

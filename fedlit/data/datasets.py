@@ -7,11 +7,10 @@ augmentation happens batched on the device (see device.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
+from fedlit.data.bundle import DataBundle, Split, channel_stats
 from fedlit.data.config import DataConfig
 from fedlit.data.imagefolder import load_image_folder
 from fedlit.data.synthetic import generate_synthetic
@@ -38,33 +37,6 @@ CIFAR100_COARSE_NAMES = (
 )  # fmt: skip
 
 
-@dataclass
-class Split:
-    x: torch.Tensor  # images: uint8 (N, C, H, W); vectors: float32 (N, D)
-    y: torch.Tensor  # int64 (N,)
-
-
-@dataclass
-class DataBundle:
-    """A dataset in memory plus what the model and the normaliser need to know about it."""
-
-    name: str
-    train: Split
-    test: Split
-    num_classes: int
-    classes: list[str]
-    # Per-channel statistics of the training images in [0, 1] units; None for vectors.
-    mean: tuple[float, ...] | None
-    std: tuple[float, ...] | None
-    # Per-client indices for datasets that come split by device (FedProx Synthetic).
-    natural_train: list[np.ndarray] | None = None
-    natural_test: list[np.ndarray] | None = None
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.train.x.shape[1:])
-
-
 def load_dataset(config: DataConfig) -> DataBundle:
     """The dataset named by `config.dataset`, loaded once into CPU tensors."""
     if config.dataset == "digits":
@@ -80,23 +52,6 @@ def load_dataset(config: DataConfig) -> DataBundle:
             return load_tensor_file(config.root)
         return load_source(config.source)
     return _load_torchvision(config)
-
-
-def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Exact per-channel mean and (population) std of uint8 images, in [0, 1] units.
-
-    Counting the 256 pixel values per channel keeps memory at one channel copy instead of a
-    float copy of the whole dataset.
-    """
-    values = torch.arange(256, dtype=torch.float64)
-    means, stds = [], []
-    for c in range(x.shape[1]):
-        hist = torch.bincount(x[:, c].reshape(-1), minlength=256).double()
-        mean = (hist * values).sum() / hist.sum()
-        var = (hist * (values - mean) ** 2).sum() / hist.sum()
-        means.append(float(mean) / 255.0)
-        stds.append(float(var.sqrt()) / 255.0)
-    return tuple(means), tuple(stds)
 
 
 def _image_bundle(
