@@ -210,6 +210,21 @@ def paired_best(
     return [(s, found["fedavg", s], found["fedpart", s]) for s in seeds_]
 
 
+def unfinished_pair_rounds(rows: Sequence[Row], prefix: str) -> int:
+    """The most rounds that a full-network run and a FedPart run of one seed both hold (0:
+    no seed has both started): the table of a reproduction still under way compares them
+    there, labelled as unfinished, rather than leaving the row empty."""
+    held: dict[tuple[str, int], int] = {}
+    for row in rows:
+        for variant in ("fedavg", "fedpart"):
+            if row.name == f"{prefix}_{variant}":
+                held[variant, row.seed] = row.finished_rounds()
+    seeds_ = {s for _, s in held}
+    return max(
+        (min(held.get(("fedavg", s), 0), held.get(("fedpart", s), 0)) for s in seeds_), default=0
+    )
+
+
 def fedpart_report(rows: list[Row]) -> str:
     """Per cycle count and client count: the paper's best accuracies, then ours under each
     evaluation protocol of the BN statistics (full network, FedPart, the gap)."""
@@ -221,11 +236,18 @@ def fedpart_report(rows: list[Row]) -> str:
     for prefix, clients, cycles in (("fedpart", 10, (1, 2)), ("fedpart40", 40, (1,))):
         for c in cycles:
             paper = FEDPART_PAPER.get(c)
-            cells = [str(clients), str(c)]
+            upto = FEDPART_CYCLE * c
+            label = str(c)
+            if c == 1 and not paired_best(rows, prefix, upto, "averaged"):
+                # no pair has finished its first cycle: read the pairs where they both are
+                held = unfinished_pair_rounds(rows, prefix)
+                if held > 0:
+                    upto, label = held, f"1, rounds 1–{held} of {FEDPART_CYCLE} (unfinished)"
+            cells = [str(clients), label]
             cells.append(f"{paper[0]} → {paper[1]} ({paper[1] - paper[0]:+.1f})" if paper else "-")
             used: list[int] = []
             for protocol, _ in FEDPART_PROTOCOLS:
-                pairs = paired_best(rows, prefix, FEDPART_CYCLE * c, protocol)
+                pairs = paired_best(rows, prefix, upto, protocol)
                 used = used or [s for s, _, _ in pairs]
                 if not pairs:
                     cells.append("-")

@@ -177,6 +177,25 @@ def test_fedpart_table_pairs_seeds_and_reads_each_cycle_under_every_protocol(res
     assert (results_dirs / "figures" / "fedpart_accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_fedpart_table_reads_unfinished_pairs_where_both_runs_are_and_says_so(results_dirs):
+    cycle = reproduce.FEDPART_CYCLE
+    rows = [
+        Row("fedpart40_fedavg", (), 0, rounds=cycle),
+        Row("fedpart40_fedpart", (), 0, rounds=cycle),
+    ]
+    others = ("averaged", "recalibrated")
+    write_run(rows[0].run_dir, [0.3, 0.5, 0.4, 0.9], "client0", others)  # 4 rounds
+    write_run(rows[1].run_dir, [0.2, 0.6, 0.55, 0.58, 0.7, 0.99], "client0", others)  # 6
+    table = reproduce.fedpart_report(rows)
+    lines = [[c.strip("| ") for c in line.split(" | ")] for line in table.splitlines()[2:]]
+    assert [line[:2] for line in lines[:2]] == [["10", "1"], ["10", "2"]]  # no runs: "-"
+    assert lines[0][3:6] == ["-", "-", "-"]
+    cells = lines[2]
+    # best over rounds 1-3 (the FedPart run's later rounds ignored), under each protocol
+    assert cells[:4] == ["40", "1, rounds 1–4 of 25 (unfinished)", "56.0 → 57.7 (+1.7)",
+                         "90.0 → 60.0 (-30.0)"]  # fmt: skip
+
+
 def test_probes_table_reads_the_last_probed_round_per_layer_for_both_methods(results_dirs):
     rows = [Row(f"cfd_{m}", (), seed, rounds=10) for seed in (0, 1) for m in ("fedavg", "fedbn")]
     key = "layer/{}/probe/{}_rel_change"
