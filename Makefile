@@ -13,7 +13,7 @@ demo: bootstrap
 	$(UV) run fedlit fit --config configs/quickstart.yaml
 
 test: bootstrap
-	$(UV) run pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(UV) run pytest -m "not slow and not gpu" --durations=15 $(PYTEST_ARGS)
 
 test-all: bootstrap
 	$(UV) run pytest $(PYTEST_ARGS)

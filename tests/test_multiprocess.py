@@ -67,6 +67,7 @@ def test_one_rank_and_two_ranks_give_the_same_global_model(cli, tmp_path):
     shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
     reason="torchrun not installed",
 )
+@pytest.mark.slow  # torchrun's launch also runs in test_resume's torchrun restart test
 def test_torchrun_launch_matches_fabric_launch(cli, tmp_path):
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     launcher = [torchrun, "--standalone", "--nproc_per_node", "2", "-m"]

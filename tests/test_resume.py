@@ -329,8 +329,12 @@ RESHARDED = {
 }
 
 
+# local BN statistics run in the default suite; the other stores, slower, with -m slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("method", list(RESHARDED))
+@pytest.mark.parametrize(
+    "method",
+    [m if m == "local_bn" else pytest.param(m, marks=pytest.mark.slow) for m in RESHARDED],
+)
 def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path, method):
     """Client state (local BN statistics, MOON's previous models, FedMR's slots) is re-sharded:
     a run checkpointed by 2 ranks and continued on 1 ends where an uninterrupted 1-rank run
@@ -443,8 +447,12 @@ def assert_same_run(a: Path, b: Path) -> None:
             assert all(torch.equal(t, other[n]) for n, t in tensors.items()), (store, client)
 
 
+# SCAFFOLD + FedAdam (client and server state) runs in the default suite; the others with -m slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize(
+    "setting",
+    [s if s == "scaffold_fedadam" else pytest.param(s, marks=pytest.mark.slow) for s in SETTINGS],
+)
 def test_one_and_two_ranks_and_resumes_across_them_are_bitwise_equal(tmp_path, setting):
     """Rounds 1-2 on 2 ranks then 3-4 on 1, and rounds 1-2 on 1 then 3-4 on 2, against 4
     rounds on 1 rank. FedNova keeps no state: 4 rounds on 2 ranks suffice."""
