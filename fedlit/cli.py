@@ -255,7 +255,12 @@ def partition_report(run: RunConfig, out: str | None = None) -> Path:
     counts = label_counts(bundle.train.y.numpy(), partition.train, bundle.num_classes)
     Console().print(label_count_table(counts, bundle.classes))
     path = partition_path(run.run_dir, out)
-    plot_label_heatmap(counts, bundle.classes, path, title=f"partition of {run.run_dir.name}")
+    plot_label_heatmap(
+        counts,
+        bundle.classes,
+        path,
+        title=f"{run.run_dir.name}: label distribution over {len(counts)} clients",
+    )
     print(f"heat map written to {path}")
     return path
 

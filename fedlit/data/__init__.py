@@ -11,9 +11,9 @@ from typing import Any
 
 _HOMES = {
     "DataConfig": "fedlit.data.config",
-    "DataBundle": "fedlit.data.datasets",
-    "Split": "fedlit.data.datasets",
-    "channel_stats": "fedlit.data.datasets",
+    "DataBundle": "fedlit.data.bundle",
+    "Split": "fedlit.data.bundle",
+    "channel_stats": "fedlit.data.bundle",
     "load_dataset": "fedlit.data.datasets",
     "DeviceData": "fedlit.data.device",
     "Partition": "fedlit.data.partition",
