@@ -217,10 +217,9 @@ def open_dashboard(
         mode, reason = "offline", "online start failed"
         dashboard = WandbDashboard(config, mode, run_dir, resolved or {}, quiet)
     if mode == "offline":
-        notify(
-            f"W&B offline run {dashboard.run_id} ({reason}) in {dashboard.location}; "
-            f"upload it later with: wandb sync {dashboard.location}"
-        )
+        # the command on a line of its own, never folded, so that it can be copied whole
+        notify(f"W&B offline run {dashboard.run_id} ({reason}); upload it later with:")
+        notify(f"wandb sync {dashboard.location}")
     else:
         notify(f"W&B run {dashboard.run_id}: {dashboard.location}")
     return dashboard

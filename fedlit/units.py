@@ -12,7 +12,7 @@ import math
 
 GB = 10**9  # summary.json's comm_gb and `fedlit compare`'s "comm GB"
 TFLOP = 10**12  # summary.json's train_tflops and `fedlit compare`'s "TFLOPs"
-BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+BYTE_UNITS = ("B", "KiB", "MiB", "GiB")
 FLOP_UNITS = ((1e18, "EFLOP"), (1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"))
 
 
