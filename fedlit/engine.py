@@ -280,20 +280,16 @@ def train_one_client(
     generator = context.generator(Stream.TRAIN, round_idx, client)
     # dropout and other layers that draw from torch's global generator
     seed_device_generator(context.device, stream_seed(run.seed, Stream.TRAIN, round_idx, client))
-    batches = context.data.train_batches(
-        context.client_indices[client], run.trainer.batch_size, run.trainer.local_epochs, generator
-    )
-
-    trainer = run.trainer
-    steps_total = train_steps(
-        len(context.client_indices[client]), trainer.batch_size, trainer.local_epochs
-    )
+    indices, trainer = context.client_indices[client], run.trainer
+    batch, epochs = trainer.batch_size, trainer.local_epochs
+    batches = context.data.train_batches(indices, batch, epochs, generator)
+    planned = train_steps(len(indices), batch, epochs)  # for the progress of a long client
 
     def on_batch_end(step: int, loss: torch.Tensor) -> None:
         call_all(
             callbacks, "on_train_batch_end", round=round_idx, client=client, step=step, loss=loss
         )
-        call_all(observers, "on_client_step", step=step + 1, steps=steps_total)
+        call_all(observers, "on_client_step", step=step + 1, steps=planned)
 
     def before_step() -> None:
         call(
@@ -444,11 +440,8 @@ def save_round_checkpoint(fed: Federation, round_idx: int, wandb_id: str | None)
 
 
 def train(fed: Federation) -> dict[str, Any] | None:
-    """Run the rounds; returns the summary on rank 0 (None on other ranks).
-
-    Rank 0 alone has observers: it writes files, draws, prints and talks to W&B; other ranks
-    never import wandb.
-    """
+    """Run the rounds; returns the summary on rank 0 (None elsewhere). Rank 0 alone has
+    observers (files, figures, console, W&B): other ranks never import wandb."""
     run, context = fed.run, fed.context
     call_all(run.callbacks, "on_fit_start", context=context)
     first_round = 1
