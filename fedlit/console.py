@@ -21,7 +21,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn
 from rich.table import Column, Table
 from rich.text import Text
 
@@ -207,7 +207,7 @@ class ConsoleReport:
         self.clock = clock
         self.progress = Progress(
             TextColumn("[bold]{task.description}", table_column=Column(width=6, no_wrap=True)),
-            MofNCompleteColumn(table_column=Column(width=7, no_wrap=True)),
+            TextColumn("{task.fields[count]}", table_column=Column(width=7, no_wrap=True)),
             BarColumn(bar_width=10),
             PaceColumn(self.pace),
             TextColumn(
@@ -220,7 +220,12 @@ class ConsoleReport:
             refresh_per_second=4,
         )
         self.rounds = self.progress.add_task(
-            "round", total=total_rounds, completed=first_round - 1, status="", kind="rounds"
+            "round",
+            total=total_rounds,
+            completed=first_round - 1,
+            status="",
+            kind="rounds",
+            count=f"{first_round - 1}/{total_rounds}",
         )
         # Rank 0 sees only the clients it trains itself (its share of the round's sample).
         self.activity: int | None = None
@@ -256,10 +261,16 @@ class ConsoleReport:
         self.print(Panel(grid, title=f"[bold]{title}[/bold]", expand=False))
 
     def _show_activity(self, description: str, completed: int, total: int | None, status: str):
+        count = f"{completed}/{total}" if total else ""
         if self.activity is None:
-            self.activity = self.progress.add_task(description, total=total, status=status)
+            self.activity = self.progress.add_task(description, status=status, count=count)
         self.progress.update(
-            self.activity, description=description, completed=completed, total=total, status=status
+            self.activity,
+            description=description,
+            completed=completed,
+            total=total,
+            status=status,
+            count=count,
         )
 
     def _drop_activity(self) -> None:
@@ -300,7 +311,12 @@ class ConsoleReport:
         self.latest.update(metrics)
         self.pace.done = int(metrics.get("round", self.pace.done + 1))
         self.clients_done, self.clients_total = 0, 0
-        self.progress.update(self.rounds, completed=self.pace.done, status=status_line(self.latest))
+        self.progress.update(
+            self.rounds,
+            completed=self.pace.done,
+            status=status_line(self.latest),
+            count=f"{self.pace.done}/{self.pace.total}",
+        )
         self._drop_activity()
         if self.enabled and not self.live:
             self.log.round_done(metrics)

@@ -380,6 +380,7 @@ def run_round(fed: Federation, round_idx: int, observers: list[Any] = ()) -> dic
     # the first of this rank's clients whose loss was not finite, kept on the device: one
     # torch.where per client, no host sync; read only when the round diverged
     first_bad = torch.full((), NO_CLIENT, dtype=torch.long, device=context.device)
+    call_all(observers, "on_client_done", done=0, total=len(plan.mine))
     for done, client in enumerate(plan.mine, start=1):
         mean_loss, upload = train_one_client(fed, plan, client, observers)
         bad = ~torch.isfinite(mean_loss.detach()) & (first_bad == NO_CLIENT)

@@ -63,7 +63,7 @@ def test_run_round_reports_each_of_its_clients(tmp_path):
             seen.append((done, total))
 
     run_round(fed, 1, observers=[Progress()])
-    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert seen == [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4)]  # announced, then each one
 
 
 def test_console_shows_panel_progress_and_table_and_quiet_shows_nothing(tmp_path, capsys):
