@@ -36,3 +36,21 @@ def test_a_checkpoint_without_a_clock_starts_from_zero():
     resumed.start()
     clock.now += 5.0
     assert resumed.seconds() == 5.0 and resumed.segments == 1
+
+
+def test_an_extended_run_counts_the_time_of_both_segments(tmp_path):
+    from functools import partial
+
+    from fedlit.engine import fit
+    from fedlit.models import CNN
+    from fedlit.resume import load_for_resume
+    from runs import tiny_run
+
+    runs = [tiny_run(tmp_path, model=partial(CNN, padding=2), rounds=n) for n in (1, 2)]
+    for run in runs:
+        run.logger.plots = False
+    first, extended = fit(runs[0]), runs[1]
+    extended.resume = load_for_resume(tmp_path / "checkpoints" / "last.ckpt", extended.config_yaml)
+    second = fit(extended)
+    assert (first["segments"], second["segments"]) == (1, 2)
+    assert second["wall_seconds"] > first["wall_seconds"] > 0
