@@ -155,9 +155,10 @@ def _title(results: list[RunResult]) -> str:
 
 def comparison_table(results: list[RunResult]) -> Table:
     """One row per run, one column per figure; the best final accuracy in bold."""
-    table = Table(title=_title(results))
+    table = Table(title="fedlit compare")
     table.add_column("run", overflow="fold")
     table.add_column("method", overflow="fold")
+    table.add_column("eval BN")
     columns = ("best acc", "round", "final acc", "rounds", "comm GB", "comm ratio")
     for name in (*columns, "TFLOPs", "FLOPs ratio", "time"):
         table.add_column(name, justify="right", no_wrap=True)
@@ -167,6 +168,7 @@ def comparison_table(results: list[RunResult]) -> Table:
         table.add_row(
             r.label,
             r.method,
+            r.protocol,
             f"{r.best_acc:.4f}",
             str(r.best_round),
             f"[bold]{final}[/bold]" if r.final_acc == top else final,
@@ -183,7 +185,7 @@ def comparison_table(results: list[RunResult]) -> Table:
 def narrow_table(results: list[RunResult]) -> Table:
     """The same figures in two lines per run, for terminals narrower than `comparison_table`
     (80 columns): the method under the run's name, the round of the best accuracy and the
-    ratios to full-network training under their values."""
+    ratios to full-network training under their values, the eval_bn protocol in the title."""
     table = Table(
         title=_title(results), box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True
     )

@@ -63,6 +63,7 @@ def test_compare_table_and_plot(tmp_path):
         [
             "fedavg",
             "FedAvg(mu=0.1)",
+            "averaged",
             "0.8000",
             "2",
             "0.7000",
@@ -74,6 +75,7 @@ def test_compare_table_and_plot(tmp_path):
         [
             str(b),
             "FedProx(mu=0.1)",
+            "averaged",
             "0.7500",
             "2",
             "0.7500",
@@ -85,6 +87,7 @@ def test_compare_table_and_plot(tmp_path):
         [
             str(c),
             "FedProx(mu=0.1)",
+            "averaged",
             "0.4000",
             "1",
             "0.4000",
@@ -123,7 +126,7 @@ def test_at_rounds_reads_runs_as_if_they_had_stopped_there(tmp_path):
     cells = [[cell.strip() for cell in row] for row in rows]
     # best accuracy among the rounds up to N, communication accumulated until N, no wall time
     assert [c[0] for c in cells] == ["fedavg @1", "fedavg @3"]
-    assert [c[2:7] for c in cells] == [
+    assert [c[3:8] for c in cells] == [
         ["0.5000", "1", "0.5000", "1", f"{1024 / 1e9:.3g}"],
         ["0.8000", "2", "0.7000", "3", f"{3 * 1024 / 1e9:.3g}"],
     ]
