@@ -48,8 +48,9 @@ class TrainerConfig:
             data.local_test).
         checkpoint_every: Write checkpoints/last.ckpt every N rounds (0: only at the end).
         reduce_dtype: Precision of the server's weighted sum (float64: rank-independent).
-        cpu_threads: torch threads per CPU rank (default: the cores this process may use
-            divided by the ranks of its node, at least 1, so that ranks x threads <= cores).
+        cpu_threads: torch threads per CPU rank (default: the cores this process may use,
+            less those the load average shows busy, divided by the ranks of its node, at
+            least 1).
         eval_bn: BN statistics the global model is tested with: averaged, client:K,
             recalibrated; the first gives test/acc, the others test/acc@<name>.
         eval_bn_samples: Training images `recalibrated` recomputes the BN statistics on.
