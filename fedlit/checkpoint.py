@@ -1,13 +1,18 @@
-"""Checkpoints written atomically: a crash mid-write never leaves a half-written last.ckpt."""
+"""Checkpoints written atomically: a crash mid-write never leaves a half-written last.ckpt.
+
+torch is imported inside the functions that need it: `atomic_write_bytes` also writes the run's
+text files, for code (`fedlit compare`) that never needs torch.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def atomic_write_bytes(path: Path, write: Any) -> None:
@@ -25,13 +30,19 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
         raise
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Save `state` (tensors, numbers, strings, plain containers) to `path` atomically."""
-    atomic_write_bytes(path, lambda file: torch.save(state, file))
+    import torch
+
+    atomic_write_bytes(Path(path), lambda file: torch.save(state, file))
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with safe deserialisation (no arbitrary code from the file)."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with safe deserialisation (no arbitrary code from the file); `path` is
+    a str or a Path."""
+    import torch
+
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:

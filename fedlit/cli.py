@@ -2,91 +2,72 @@
 puts finished runs side by side.
 
 `fit` and `partition` read the same config file, whose sections come from the type hints of
-`run_arguments` (jsonargparse): a wrong key, type or value is refused before anything runs.
-`compare` reads run directories only.
+`fedlit.arguments.run_arguments` (jsonargparse): a wrong key, type or value is refused before
+anything runs. `compare` reads run directories only.
+
+Start-up time is part of the interface: `fedlit --help` imports jsonargparse and nothing of
+fedlit's run machinery, a subcommand builds only its own parser, `compare` never imports torch,
+and Lightning (with torchmetrics, torchvision and torch._dynamo behind it) is imported only when
+`fit` is about to train.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jsonargparse import (
     ActionConfigFile,
     ArgumentParser,
+    DefaultHelpFormatter,
     Namespace,
-    lazy_instance,
     set_parsing_settings,
 )
-from torch import nn
 
-from fedlit.algorithms import Algorithm, FedAvg
-from fedlit.config import LoggerConfig, ModelFactory, RunConfig, TrainerConfig
-from fedlit.data.config import DataConfig
-from fedlit.divergence import DivergenceError
-from fedlit.engine import prepare, train
-from fedlit.imports import import_path
-from fedlit.models.build import DATA_ARGUMENTS, ModelSpec
-from fedlit.resume import load_for_resume, resolve_resume
-from fedlit.server import ServerOptimizer
+if TYPE_CHECKING:
+    from fedlit.config import RunConfig
 
 SUBCOMMANDS = {
     "fit": "Run federated training.",
     "partition": "Print the per-client label counts and write a heat-map PNG.",
+    "compare": "Compare runs: a table (method, accuracy, rounds, bytes, time) and plots.",
 }
-COMPARE_HELP = "Compare runs: a table (method, accuracy, rounds, bytes, time) and one plot."
+COMPARE_HELP = SUBCOMMANDS["compare"]
+# Keys of a subcommand that are not part of the run's saved config.
+COMMAND_KEYS = ("resume", "resume_force", "out")
+# The keys are listed below the usage, each with its meaning; the usage names only their form.
+RUN_USAGE = "%(prog)s [--config FILE] [--print_config] [--SECTION.KEY VALUE ...]"
+KNOWN_SUBCLASSES = re.compile(r", known subclasses: [^)]*")
 
 
-def run_arguments(
-    seed: int = 0,
-    run_dir: str = "runs/fedlit",
-    trainer: TrainerConfig = TrainerConfig(),  # noqa: B008
-    data: DataConfig = DataConfig(),  # noqa: B008
-    model: ModelFactory | None = None,
-    algorithm: Algorithm = lazy_instance(FedAvg),  # noqa: B008
-    callbacks: list[object] | None = None,
-    server_optimizer: ServerOptimizer | None = None,
-    logger: LoggerConfig = LoggerConfig(),  # noqa: B008
-) -> None:
-    """The sections of a fedlit config.
+class HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help without its lists of known subclasses and repeated choices.
 
-    Args:
-        seed: Seeds every random stream of the run (partition, sampling, batches, init).
-        run_dir: Where config.yaml, metrics.jsonl, summary.json, plots/ and checkpoints/ go.
-        trainer: Rounds, ranks, sampling, local training and schedules.
-        data: Dataset, partition and augmentation.
-        model: class_path of any torch.nn.Module (a class, or a function returning one such as
-            torchvision.models.resnet18) and its init_args; num_classes and input_shape come
-            from the data and are passed when the constructor names them.
-        algorithm: class_path of the federated algorithm and its init_args.
-        callbacks: Plain objects with hook methods (class_path/init_args each).
-        server_optimizer: How the server steps towards the clients' average (fedlit.server:
-            ServerSGD with lr and momentum, i.e. FedAvgM; FedAdam, FedYogi, FedAdagrad); null
-            takes the average itself (FedAvg).
-        logger: Console output, plots and the Weights & Biases run.
+    For a class-typed key jsonargparse names every imported subclass: for `model` every
+    `torch.nn.Module` subclass of torch and torchvision, some 700 lines that bury the meaning of
+    the keys. `--model.help CLASS` shows one class's init_args instead.
     """
 
+    def _get_help_string(self, action: Any) -> str:
+        text = KNOWN_SUBCLASSES.sub("", super()._get_help_string(action))
+        if str(self._get_type_str(action)).startswith("Literal["):
+            text = text.replace("type: %(type)s, ", "")  # the flag shows {auto,cpu,cuda,gpu}
+        return text
 
-def build_run_parser(description: str = "", resumable: bool = False) -> ArgumentParser:
+
+def build_run_parser(
+    description: str = "", resumable: bool = False, previews: bool = False
+) -> ArgumentParser:
     """The parser of one subcommand: a config file plus the sections of `run_arguments`
-    (and, for `fit`, the resume options, which are not part of the saved config)."""
-    parser = ArgumentParser(description=description)
+    (and, for `fit`, the resume options; for `partition`, where the heat map goes: neither is
+    part of the saved config)."""
+    from fedlit.arguments import add_run_arguments  # imports torch: the config's types need it
+
+    parser = ArgumentParser(description=description, formatter_class=HelpFormatter, usage=RUN_USAGE)
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML config file.")
-    parser.add_function_arguments(run_arguments, skip={"model"})
-    # any nn.Module: the constructor's arguments are validated here, except the two the data
-    # decide, which fedlit.models.build passes by name once the data are loaded
-    parser.add_subclass_arguments(
-        nn.Module,
-        "model",
-        skip=set(DATA_ARGUMENTS),
-        required=False,
-        instantiate=False,
-        help=(
-            "class_path of any torch.nn.Module (or a function returning one) and its "
-            "init_args; num_classes and input_shape come from the data."
-        ),
-    )
+    add_run_arguments(parser)
     if resumable:
         parser.add_argument(
             "--resume",
@@ -101,6 +82,14 @@ def build_run_parser(description: str = "", resumable: bool = False) -> Argument
             default=False,
             help="Resume even when the config differs from the checkpoint's.",
         )
+    if previews:
+        parser.add_argument(
+            "--out",
+            type=str | None,
+            default=None,
+            help="Where to write the heat-map PNG (default: <run_dir>_partition.png beside the "
+            "run directory, never inside a run's own outputs).",
+        )
     return parser
 
 
@@ -114,6 +103,8 @@ def build_callback(spec: Any, position: int) -> object:
         raise ValueError(
             f"{key} must be {{class_path: module.Class, init_args: {{...}}}}, got {spec!r}"
         )
+    from fedlit.imports import import_path
+
     cls = import_path(spec["class_path"], f"{key}.class_path")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--callback", type=cls)
@@ -125,14 +116,22 @@ def build_callback(spec: Any, position: int) -> object:
 
 
 def build_compare_parser() -> ArgumentParser:
-    parser = ArgumentParser(description=COMPARE_HELP)
+    parser = ArgumentParser(description=COMPARE_HELP, formatter_class=HelpFormatter)
     parser.add_argument("run_dirs", nargs="+", help="Run directories written by `fedlit fit`.")
     parser.add_argument(
         "--plot",
         type=str | None,
         default=None,
-        help="Where to write the accuracy-per-round PNG "
-        "(default: compare_accuracy.png next to the first run directory).",
+        help="Where to write the accuracy-per-round PNG (default: compare_accuracy.png next "
+        "to the first run directory); the other figures take its name with a suffix "
+        "(_vs_comm, _gradnorm).",
+    )
+    parser.add_argument(
+        "--overwrite",
+        type=bool,
+        default=False,
+        help="Replace figures an earlier compare wrote at the same paths (without it, "
+        "existing files are an error naming them).",
     )
     parser.add_argument(
         "--at_rounds",
@@ -153,23 +152,44 @@ def build_compare_parser() -> ArgumentParser:
     return parser
 
 
-def build_parser() -> ArgumentParser:
+def build_subcommand(name: str) -> ArgumentParser:
+    if name == "compare":
+        return build_compare_parser()
+    return build_run_parser(
+        SUBCOMMANDS[name], resumable=name == "fit", previews=name == "partition"
+    )
+
+
+def build_parser(commands: tuple[str, ...] = tuple(SUBCOMMANDS)) -> ArgumentParser:
+    """The `fedlit` parser with the full parsers of `commands`; the other subcommands are named
+    (for `fedlit --help` and for errors) but not built, since building `fit`'s imports torch."""
     # Entries of `callbacks` stay {class_path, init_args} specs; build_callback instantiates them.
     set_parsing_settings(instantiate_subclass_spec_in_any=False)
-    parser = ArgumentParser(prog="fedlit", description="Federated learning on Lightning Fabric.")
+    parser = ArgumentParser(
+        prog="fedlit",
+        description="Federated learning on Lightning Fabric.",
+        formatter_class=HelpFormatter,
+    )
     subcommands = parser.add_subcommands(dest="command")
     for name, help_text in SUBCOMMANDS.items():
-        parser_of = build_run_parser(help_text, resumable=name == "fit")
-        subcommands.add_subcommand(name, parser_of, help=help_text)
-    subcommands.add_subcommand("compare", build_compare_parser(), help=COMPARE_HELP)
+        if name in commands:
+            sub = build_subcommand(name)
+        else:
+            sub = ArgumentParser(description=help_text, formatter_class=HelpFormatter)
+        subcommands.add_subcommand(name, sub, help=help_text)
     return parser
 
 
-RESUME_KEYS = ("resume", "resume_force")
+def requested_command(argv: list[str]) -> str | None:
+    """The subcommand `argv` names: its first word that is not an option."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return first if first in SUBCOMMANDS else None
 
 
 def load_resume(run: RunConfig, resume: str | None, force: bool) -> RunConfig:
     """Attach the checkpoint to resume from (checked against the config), or none."""
+    from fedlit.resume import load_for_resume, resolve_resume
+
     path = resolve_resume(run.run_dir, resume)
     if path is None:
         return run
@@ -183,6 +203,9 @@ def fail(message: str) -> None:
 
 
 def to_run_config(parser: ArgumentParser, cfg: Namespace) -> RunConfig:
+    from fedlit.config import RunConfig
+    from fedlit.models.build import ModelSpec
+
     command = cfg.command
     try:
         init = parser.instantiate(cfg)[command]
@@ -194,7 +217,7 @@ def to_run_config(parser: ArgumentParser, cfg: Namespace) -> RunConfig:
     spec = init.model.as_dict() if isinstance(init.model, Namespace) else dict(init.model)
     model = ModelSpec(spec["class_path"], dict(spec.get("init_args") or {}))
     sections = cfg[command].clone()
-    for key in RESUME_KEYS:
+    for key in COMMAND_KEYS:
         sections.pop(key, None)
     config_yaml = build_run_parser().dump(sections)
     return RunConfig(
@@ -211,7 +234,15 @@ def to_run_config(parser: ArgumentParser, cfg: Namespace) -> RunConfig:
     )
 
 
-def partition_report(run: RunConfig) -> Path:
+def partition_path(run_dir: Path, out: str | None) -> Path:
+    """Where `fedlit partition` draws: `out`, or `<run_dir>_partition.png` beside the run
+    directory, so that a preview never replaces a finished run's plots/partition.png."""
+    if out:
+        return Path(out)
+    return run_dir.parent / f"{run_dir.name}_partition.png"
+
+
+def partition_report(run: RunConfig, out: str | None = None) -> Path:
     """Load and split the data exactly as `fit` would, then show and draw the label counts."""
     from rich.console import Console
 
@@ -223,45 +254,39 @@ def partition_report(run: RunConfig) -> Path:
     partition = make_partition(run.data, bundle, run.seed)
     counts = label_counts(bundle.train.y.numpy(), partition.train, bundle.num_classes)
     Console().print(label_count_table(counts, bundle.classes))
-    path = run.run_dir / "plots" / "partition.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    plot_label_heatmap(counts, bundle.classes, path)
+    path = partition_path(run.run_dir, out)
+    plot_label_heatmap(
+        counts,
+        bundle.classes,
+        path,
+        title=f"{run.run_dir.name}: label distribution over {len(counts)} clients",
+    )
     print(f"heat map written to {path}")
     return path
 
 
-def compare_command(cfg: Namespace) -> Path:
-    """Print the comparison table of the run directories and write their accuracy plot."""
-    from rich.console import Console
+def compare_command(cfg: Namespace) -> list[Path]:
+    """Print the comparison table of the run directories, then write and name its figures."""
+    from fedlit.compare import check_free, draw_comparison, figure_paths, load_runs, print_table
 
-    from fedlit.compare import compare_runs
-
+    run_dirs = [Path(p) for p in cfg.run_dirs]
     plot = Path(cfg.plot) if cfg.plot else None
-    table, path = compare_runs([Path(p) for p in cfg.run_dirs], plot, cfg.at_rounds, cfg.eval_bn)
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=160)  # piped output would default to 80 columns and fold cells
-    console.print(table)
-    print(f"accuracy per round written to {path}")
-    return path
+    results = load_runs(run_dirs, protocol=cfg.eval_bn)
+    check_free(figure_paths(run_dirs, plot), cfg.overwrite)  # before anything is printed
+    print_table(load_runs(run_dirs, cfg.at_rounds, cfg.eval_bn) if cfg.at_rounds else results)
+    figures = draw_comparison(results, run_dirs, plot, overwrite=cfg.overwrite)
+    for note in figures.notes:
+        print(note)
+    for what, path in figures.written:
+        print(f"{what} written to {path}")
+    return [path for _, path in figures.written]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    cfg = parser.parse_args(argv)
-    if cfg.command == "compare":
-        try:
-            compare_command(cfg.compare)
-        except ValueError as error:
-            fail(str(error))
-        return
+def fit_command(parser: ArgumentParser, cfg: Namespace) -> None:
     run = to_run_config(parser, cfg)
-    if cfg.command == "partition":
-        try:
-            partition_report(run)
-        except (ValueError, FileNotFoundError) as error:
-            fail(str(error))
-        return
+    from fedlit.divergence import DivergenceError
+    from fedlit.engine import prepare, train  # Lightning: only when training
+
     try:
         run = load_resume(run, cfg.fit.resume, cfg.fit.resume_force)
         fed = prepare(run)
@@ -271,6 +296,27 @@ def main(argv: list[str] | None = None) -> None:
         train(fed)
     except DivergenceError as error:
         fail(str(error))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = requested_command(argv)
+    parser = build_parser((command,) if command else ())
+    cfg = parser.parse_args(argv)
+    if cfg.command == "compare":
+        try:
+            compare_command(cfg.compare)
+        except ValueError as error:
+            fail(str(error))
+        return
+    if cfg.command == "partition":
+        run = to_run_config(parser, cfg)
+        try:
+            partition_report(run, cfg.partition.out)
+        except (ValueError, FileNotFoundError) as error:
+            fail(str(error))
+        return
+    fit_command(parser, cfg)
 
 
 if __name__ == "__main__":

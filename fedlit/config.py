@@ -26,17 +26,34 @@ OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 class TrainerConfig:
     """How the federation runs: rounds, ranks, sampling, local training, schedules.
 
-    `optimizer` is built anew for every client in every round (class_path/init_args of any
-    torch.optim class, e.g. SGD with momentum and weight decay, or Adam); when unset, plain SGD
-    with lr 0.01 is used.
+    `optimizer` is built anew for every client in every round. `reduce_dtype` float64 makes the
+    average independent of how clients are spread over ranks: n_k * w_k is exact in float64, so
+    1 rank and N ranks give the same float32 model, at twice the bytes per all-reduce.
 
-    `eval_bn` lists the evaluation protocols of the global model's BatchNorm statistics
-    (fedlit.eval_bn): `averaged` (default), `client:K`, `recalibrated`; the first gives test/acc,
-    the others test/acc@<name>. `eval_bn_samples` training images are used by `recalibrated`.
-
-    `reduce_dtype` is the precision of the server's weighted sum. float64 (the default) makes
-    the average independent of how clients are spread over ranks: n_k * w_k is exact in float64,
-    so 1 rank and N ranks give the same float32 model, at twice the bytes per all-reduce.
+    Attributes:
+        rounds: Federated rounds.
+        devices: Ranks per node (torchrun's environment overrides it).
+        num_nodes: Nodes (torchrun's environment overrides it).
+        accelerator: cpu, cuda (or gpu), or auto.
+        precision: 32-true, or bf16-mixed (autocast in local training and evaluation).
+        clients_per_round: Clients sampled each round (default all; or client_fraction).
+        client_fraction: Fraction of the clients sampled each round (or clients_per_round).
+        local_epochs: Local epochs of each client in each round.
+        batch_size: Local training batch size.
+        optimizer: Any torch.optim class with its init_args, built per client and round
+            (default SGD lr 0.01).
+        eval_every: Evaluate every N rounds (and always after the last).
+        eval_batch_size: Batch size of evaluation.
+        personal_eval: Also evaluate each client on its local test split (needs
+            data.local_test).
+        checkpoint_every: Write checkpoints/last.ckpt every N rounds (0: only at the end).
+        reduce_dtype: Precision of the server's weighted sum (float64: rank-independent).
+        cpu_threads: torch threads per CPU rank (default: the cores this process may use,
+            less those the load average shows busy, divided by the ranks of its node, at
+            least 1).
+        eval_bn: BN statistics the global model is tested with: averaged, client:K,
+            recalibrated; the first gives test/acc, the others test/acc@<name>.
+        eval_bn_samples: Training images `recalibrated` recomputes the BN statistics on.
     """
 
     rounds: int = 10
@@ -94,10 +111,22 @@ class WandbConfig:
     otherwise, and disabled with a one-line notice when wandb is not installed. `online` and
     `offline` are explicit requests and stop the run before training when wandb is missing.
     W&B writes its files under `<dir>/wandb/`; the repository's wandb/ folder is git-ignored.
+
+    Attributes:
+        mode: auto (online with an API key, offline without), online, offline or disabled.
+        project: W&B project (default: WANDB_PROJECT when set, else fedlit).
+        entity: W&B user or team (default: WANDB_ENTITY when set, else your default entity).
+        name: Run name (default: the run_dir's name).
+        group: Run group, e.g. one per sweep or per method.
+        tags: Run tags.
+        notes: Run notes.
+        dir: W&B writes <dir>/wandb/.
+        id: A W&B run id to continue (resume="allow").
+        init_timeout: Seconds wandb.init may take before the server counts as unreachable.
     """
 
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
-    project: str = "fedlit"
+    project: str | None = None
     entity: str | None = None
     name: str | None = None
     group: str | None = None
@@ -116,8 +145,11 @@ class WandbConfig:
             raise ValueError(
                 f"logger.wandb.init_timeout must be > 0 seconds, got {self.init_timeout}"
             )
-        if not self.project:
-            raise ValueError("logger.wandb.project must be a non-empty string")
+        if self.project is not None and not self.project:
+            raise ValueError(
+                "logger.wandb.project must be a non-empty string, or null (WANDB_PROJECT when "
+                "set, else fedlit)"
+            )
         if self.mode in ("online", "offline") and importlib.util.find_spec("wandb") is None:
             raise ValueError(
                 f"logger.wandb.mode={self.mode} needs the wandb package, which is not installed "
@@ -130,8 +162,11 @@ class WandbConfig:
 class LoggerConfig:
     """Console output and the W&B run; the files in run_dir are always written.
 
-    `quiet` silences the console (no panel, progress bars or table; W&B's own messages too),
-    for scripts and sweeps. `plots` draws the run's figures into run_dir/plots at the end.
+    Attributes:
+        quiet: No console output at all (no panel, progress, table, nor W&B's or Lightning's
+            messages), for scripts and sweeps.
+        plots: Draw the run's figures into run_dir/plots at the end.
+        wandb: The Weights & Biases run.
     """
 
     quiet: bool = False

@@ -43,14 +43,14 @@ from fedlit.comm import FlatLayout
 from fedlit.hooks import call
 from fedlit.local import freeze_inactive
 from fedlit.models.layers import Layer
+from fedlit.units import GB, TFLOP
+from fedlit.wallclock import WallClock
 
 if TYPE_CHECKING:
     from fedlit.algorithms.base import StepResult
     from fedlit.context import Context, RoundPlan
 
 NEVER = -1  # a client's model version before its first download
-GB = 10**9
-TFLOP = 10**12
 
 _HOOK_DICTS = (
     "_forward_hooks",
@@ -304,6 +304,7 @@ class CostTracker:
         self.algorithm = algorithm
         self.taken_part = [0] * len(self.client_samples)
         self.totals = {"bytes": 0, "full_bytes": 0, "flops": 0, "full_flops": 0}
+        self.wall = WallClock()  # time is a cost too, and must survive a resume like the others
 
     @classmethod
     def for_run(cls, context: Context, algorithm: Any, local_names: Collection[str]) -> CostTracker:
@@ -388,6 +389,7 @@ class CostTracker:
             "ledger": self.ledger.state_dict(),
             "taken_part": list(self.taken_part),
             "totals": dict(self.totals),
+            "wall": self.wall.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -399,3 +401,4 @@ class CostTracker:
             )
         self.taken_part = [int(n) for n in state["taken_part"]]
         self.totals = {key: int(state["totals"][key]) for key in self.totals}
+        self.wall.load_state_dict(state.get("wall"))

@@ -17,12 +17,13 @@ import netrc
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import yaml
 
-from fedlit.config import WandbConfig
+if TYPE_CHECKING:  # fedlit.plots reads layer_series from here without torch
+    from fedlit.config import WandbConfig
 
 LAYER_PREFIX = "layer/"
 # WANDB_MODE values that wandb itself accepts, as the mode they mean.
@@ -65,6 +66,20 @@ def resolve_mode(config: WandbConfig, environ: Mapping[str, str] = os.environ) -
     if has_api_key(environ):
         return "online", "an API key is configured"
     return "offline", "no API key configured"
+
+
+DEFAULT_PROJECT = "fedlit"
+
+
+def resolve_names(
+    config: WandbConfig, environ: Mapping[str, str] = os.environ
+) -> tuple[str, str | None]:
+    """(project, entity) of the W&B run: the config's when it sets them, else W&B's own
+    environment variables (WANDB_PROJECT, WANDB_ENTITY, as a sweep agent or a cluster profile
+    sets them), else the project `fedlit` and W&B's default entity."""
+    project = config.project or environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
+    entity = config.entity or environ.get("WANDB_ENTITY") or None
+    return project, entity
 
 
 def layer_series(
@@ -120,9 +135,10 @@ class WandbDashboard:
         self.wandb = wandb
         self.mode = mode
         Path(config.dir).mkdir(parents=True, exist_ok=True)
+        project, entity = resolve_names(config)
         self.run = wandb.init(
-            project=config.project,
-            entity=config.entity,
+            project=project,
+            entity=entity,
             name=config.name or run_dir.name,
             group=config.group,
             tags=list(config.tags) or None,
@@ -201,10 +217,9 @@ def open_dashboard(
         mode, reason = "offline", "online start failed"
         dashboard = WandbDashboard(config, mode, run_dir, resolved or {}, quiet)
     if mode == "offline":
-        notify(
-            f"W&B offline run {dashboard.run_id} ({reason}) in {dashboard.location}; "
-            f"upload it later with: wandb sync {dashboard.location}"
-        )
+        # the command on a line of its own, never folded, so that it can be copied whole
+        notify(f"W&B offline run {dashboard.run_id} ({reason}); upload it later with:")
+        notify(f"wandb sync {dashboard.location}")
     else:
         notify(f"W&B run {dashboard.run_id}: {dashboard.location}")
     return dashboard

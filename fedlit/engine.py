@@ -27,7 +27,6 @@ algorithms read the run through fedlit.context.Context only.
 from __future__ import annotations
 
 import copy
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +45,7 @@ from fedlit.config import RunConfig
 from fedlit.context import Context, RoundPlan
 from fedlit.costs import CostTracker
 from fedlit.data.datasets import DataBundle, load_dataset
-from fedlit.data.device import DeviceData
+from fedlit.data.device import DeviceData, train_steps
 from fedlit.data.partition import Partition, make_partition
 from fedlit.divergence import NO_CLIENT, check_finite
 from fedlit.eval_bn import EvalModels
@@ -68,6 +67,7 @@ from fedlit.resume import checkpoint_state, gather_client_states, restore
 from fedlit.schedule import layers_of_round
 from fedlit.state import ClientState
 from fedlit.summary import summarize
+from fedlit.threads import set_cpu_threads
 
 
 @dataclass
@@ -130,7 +130,7 @@ def load(run: RunConfig) -> Loaded:
     layer map fails once, at once; the launching process becomes rank 0 and keeps what it loaded.
     """
     local_ranks, _ = launch_settings(run.trainer)
-    torch.set_num_threads(run.trainer.cpu_threads or max(1, (os.cpu_count() or 1) // local_ranks))
+    set_cpu_threads(run.trainer.cpu_threads, local_ranks)
     bundle = load_dataset(run.data)
     partition = make_partition(run.data, bundle, run.seed)
     torch.manual_seed(stream_seed(run.seed, Stream.INIT))
@@ -253,10 +253,10 @@ def plan_round(fed: Federation, round_idx: int) -> RoundPlan:
 
 
 def train_one_client(
-    fed: Federation, plan: RoundPlan, client: int
+    fed: Federation, plan: RoundPlan, client: int, observers: list[Any] = ()
 ) -> tuple[torch.Tensor, Upload | None]:
     """Train `client` from the weights it receives; its mean loss (a device tensor) and what
-    the algorithm has it upload besides its trained tensors."""
+    the algorithm has it upload besides its trained tensors. `observers` see each step."""
     run, context, model = fed.run, fed.context, fed.working
     round_idx, algorithm, callbacks = plan.round, run.algorithm, run.callbacks
     fed.server.receive(client, model)
@@ -280,14 +280,16 @@ def train_one_client(
     generator = context.generator(Stream.TRAIN, round_idx, client)
     # dropout and other layers that draw from torch's global generator
     seed_device_generator(context.device, stream_seed(run.seed, Stream.TRAIN, round_idx, client))
-    batches = context.data.train_batches(
-        context.client_indices[client], run.trainer.batch_size, run.trainer.local_epochs, generator
-    )
+    indices, trainer = context.client_indices[client], run.trainer
+    batch, epochs = trainer.batch_size, trainer.local_epochs
+    batches = context.data.train_batches(indices, batch, epochs, generator)
+    planned = train_steps(len(indices), batch, epochs)  # for the progress of a long client
 
     def on_batch_end(step: int, loss: torch.Tensor) -> None:
         call_all(
             callbacks, "on_train_batch_end", round=round_idx, client=client, step=step, loss=loss
         )
+        call_all(observers, "on_client_step", step=step + 1, steps=planned)
 
     def before_step() -> None:
         call(
@@ -305,7 +307,7 @@ def train_one_client(
         optimizer,
         algorithm,
         context.autocast,
-        on_batch_end if callbacks else None,
+        on_batch_end if callbacks or observers else None,
         before_step if defines(algorithm, "before_step") else None,
     )
     call_all(callbacks, "on_client_end", round=round_idx, client=client, model=model)
@@ -378,8 +380,9 @@ def run_round(fed: Federation, round_idx: int, observers: list[Any] = ()) -> dic
     # the first of this rank's clients whose loss was not finite, kept on the device: one
     # torch.where per client, no host sync; read only when the round diverged
     first_bad = torch.full((), NO_CLIENT, dtype=torch.long, device=context.device)
+    call_all(observers, "on_client_done", done=0, total=len(plan.mine))
     for done, client in enumerate(plan.mine, start=1):
-        mean_loss, upload = train_one_client(fed, plan, client)
+        mean_loss, upload = train_one_client(fed, plan, client, observers)
         bad = ~torch.isfinite(mean_loss.detach()) & (first_bad == NO_CLIENT)
         first_bad = torch.where(bad, torch.full_like(first_bad, client), first_bad)
         fed.server.send(client, fed.working, client_weight(fed, client), mean_loss, upload)
@@ -405,6 +408,7 @@ def run_round(fed: Federation, round_idx: int, observers: list[Any] = ()) -> dic
         **step.metrics,
     }
     if plan.evaluate:
+        call_all(observers, "on_phase", label=f"evaluation of round {round_idx}")
         metrics.update(evaluate_round(fed, plan, personal))
         call_all(callbacks, "on_evaluate_end", round=round_idx, metrics=metrics)
     metrics["time/round_seconds"] = time.perf_counter() - started
@@ -437,11 +441,8 @@ def save_round_checkpoint(fed: Federation, round_idx: int, wandb_id: str | None)
 
 
 def train(fed: Federation) -> dict[str, Any] | None:
-    """Run the rounds; returns the summary on rank 0 (None on other ranks).
-
-    Rank 0 alone has observers: it writes files, draws, prints and talks to W&B; other ranks
-    never import wandb.
-    """
+    """Run the rounds; returns the summary on rank 0 (None elsewhere). Rank 0 alone has
+    observers (files, figures, console, W&B): other ranks never import wandb."""
     run, context = fed.run, fed.context
     call_all(run.callbacks, "on_fit_start", context=context)
     first_round = 1
@@ -452,7 +453,7 @@ def train(fed: Federation) -> dict[str, Any] | None:
     observers = make_observers(run, context, fed.costs.ledger.bytes_of) if context.is_main else []
     try:
         call_all(observers, "on_fit_start", history=fed.history)
-        started = time.perf_counter()
+        fed.costs.wall.start()
         for round_idx in range(first_round, run.trainer.rounds + 1):
             inject_fault(context.rank, round_idx)
             metrics = run_round(fed, round_idx, observers)
@@ -461,20 +462,22 @@ def train(fed: Federation) -> dict[str, Any] | None:
             last = round_idx == run.trainer.rounds  # the final checkpoint is written below
             if checkpoints(run, round_idx) and not last:
                 save_round_checkpoint(fed, round_idx, dashboard_id(observers))
-        call_all(observers, "on_rounds_end")
         summary = summarize(
             fed.history,
-            time.perf_counter() - started,
+            fed.costs.wall.seconds(),
             fed.costs.summary(),
             run.trainer.eval_bn,
             context.world_size,
+            fed.costs.wall.segments,
         )
         # a collective: every rank scores its own clients, whether or not it draws
         client_acc = ([], "")
         if run.logger.plots:
             last = fed.history[-1]["round"]
+            call_all(observers, "on_phase", label="final evaluation of every client")
             client_acc = final_client_accuracy(context, lambda c: receive_after(fed, last, c))
         save_round_checkpoint(fed, fed.history[-1]["round"], dashboard_id(observers))
+        call_all(observers, "on_rounds_end")
         call_all(run.callbacks, "on_fit_end", summary=summary)
         call_all(
             observers,

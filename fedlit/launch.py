@@ -25,10 +25,12 @@ def launch_settings(trainer: TrainerConfig) -> tuple[int, int]:
 
 
 def make_fabric(run: RunConfig) -> Fabric:
-    # Ranks other than 0 (started by Fabric's launcher or torchrun, which set these variables)
-    # keep quiet: console output comes from rank 0 only.
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0 or run.logger.quiet:
-        logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    # Lightning's information lines (the distributed start-up banner) are left out on every
+    # rank: the start-up panel says what runs where, and `logger.quiet` means no output at all.
+    # The banner goes through whichever of the two packages registered its rank-zero logger
+    # last (importing lightning imports both).
+    for name in ("lightning.fabric", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     devices, num_nodes = launch_settings(run.trainer)
     accelerator = "cuda" if run.trainer.accelerator == "gpu" else run.trainer.accelerator
     return Fabric(

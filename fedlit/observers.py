@@ -21,13 +21,17 @@ import torch
 import yaml
 
 from fedlit.config import RunConfig
+from fedlit.console import ConsoleReport
 from fedlit.context import Context
 from fedlit.dashboard import Dashboard, NoDashboard, open_dashboard
 from fedlit.data.report import plot_label_heatmap
 from fedlit.hooks import call_all
-from fedlit.loggers import ConsoleReport, RunFiles, human_bytes, method_label
+from fedlit.launch import launch_settings
+from fedlit.loggers import RunFiles, method_label
 from fedlit.plots import plot_client_accuracy, plot_communication, plot_curves, plot_layer_metrics
 from fedlit.schedule import planned_layers, schedule_table, segments, selects_layers, write_schedule
+from fedlit.threads import describe_threads
+from fedlit.units import human_bytes
 
 
 def train_label_counts(context: Context, batch_size: int) -> np.ndarray:
@@ -76,6 +80,7 @@ def describe(run: RunConfig, context: Context, counts: np.ndarray) -> dict[str, 
             f"{run.trainer.rounds}, {context.per_round} of {clients} clients each, "
             f"{run.trainer.local_epochs} local epoch(s) of batch {run.trainer.batch_size}"
         ),
+        "threads": describe_threads(context.device.type, launch_settings(run.trainer)[0]),
         "run_dir": str(run.run_dir),
     }
 
@@ -109,7 +114,10 @@ class ConsoleObserver:
 
     def __init__(self, run: RunConfig, context: Context, bytes_of: Any, counts: Any) -> None:
         self.run, self.context, self.bytes_of, self.counts = run, context, bytes_of, counts
-        self.report = ConsoleReport(enabled=not run.logger.quiet, total_rounds=run.trainer.rounds)
+        first_round = int(run.resume["round"]) + 1 if run.resume is not None else 1
+        self.report = ConsoleReport(
+            enabled=not run.logger.quiet, total_rounds=run.trainer.rounds, first_round=first_round
+        )
 
     def on_fit_start(self) -> None:
         run, report = self.run, self.report
@@ -126,8 +134,17 @@ class ConsoleObserver:
     def print(self, *objects: Any) -> None:
         self.report.print(*objects)
 
+    def notice(self, text: str) -> None:
+        self.report.notice(text)
+
+    def on_client_step(self, step: int, steps: int) -> None:
+        self.report.client_step(step, steps)
+
     def on_client_done(self, done: int, total: int) -> None:
         self.report.client_done(done, total)
+
+    def on_phase(self, label: str) -> None:
+        self.report.phase(label)
 
     def on_round_end(self, metrics: dict[str, Any]) -> None:
         self.report.round_done(metrics)
@@ -160,11 +177,13 @@ class PlotsObserver:
         evaluated = [m for m in self.history if "test/acc" in m]
         accuracy, split = client_accuracy
         classes = [str(c) for c in range(self.counts.shape[1])]
-        plot_curves(evaluated, plots_dir)
-        plot_client_accuracy(evaluated, accuracy, split, plots_dir / "client_accuracy.png")
-        plot_communication(self.history, plots_dir / "communication.png")
-        plot_label_heatmap(self.counts, classes, plots_dir / "partition.png")
-        plot_layer_metrics(self.history, plots_dir)
+        name = self.run.run_dir.name
+        plot_curves(evaluated, plots_dir, name)
+        plot_client_accuracy(evaluated, accuracy, split, plots_dir / "client_accuracy.png", name)
+        plot_communication(self.history, plots_dir / "communication.png", name)
+        title = f"{name}: label distribution over {self.counts.shape[0]} clients"
+        plot_label_heatmap(self.counts, classes, plots_dir / "partition.png", title)
+        plot_layer_metrics(self.history, plots_dir, name)
         call_all(self.run.callbacks, "draw", plots_dir=plots_dir, history=self.history)
 
 
@@ -187,7 +206,7 @@ class DashboardObserver:
         if saved_id and wandb_config.id is None:  # the resumed run continues its W&B run
             wandb_config = dataclasses.replace(wandb_config, id=saved_id)
         self.dashboard = open_dashboard(
-            wandb_config, run.run_dir, run.config_yaml, run.logger.quiet, self.console.print
+            wandb_config, run.run_dir, run.config_yaml, run.logger.quiet, self.console.notice
         )
 
     def on_round_end(self, metrics: dict[str, Any]) -> None:

@@ -43,15 +43,30 @@ def _round_axes(axes: Axes, ylabel: str) -> None:
         axes.legend(fontsize=8)
 
 
-def save_figure(figure: Figure, path: Path) -> Path:
-    """Write `figure` as a PNG at `path` (creating its folder): every fedlit figure goes here."""
+def save_figure(figure: Figure, path: Path, run_name: str | None = None) -> Path:
+    """Write `figure` as a PNG at `path` (creating its folder): every fedlit figure goes here.
+    `run_name` heads the figure, so that a PNG out of its folder still says which run it is."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if run_name:
+        figure.suptitle(f"run {run_name}", fontsize=9, color="dimgray")
     figure.tight_layout()
     figure.savefig(path)
     return path
 
 
-def plot_curves(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
+def accuracy_limits(values: Sequence[float]) -> tuple[float, float]:
+    """y limits that fit `values` (accuracies in [0, 1]) with a margin: clients between 0.95 and
+    1.0 are drawn on about 0.94-1.01, where their differences show, not on 0-1."""
+    if not values:
+        return 0.0, 1.02
+    low, high = min(values), max(values)
+    pad = max(0.01, 0.1 * (high - low))
+    return max(0.0, low - pad), min(1.02, high + pad)
+
+
+def plot_curves(
+    records: list[dict[str, Any]], plots_dir: Path, run_name: str | None = None
+) -> list[Path]:
     """accuracy.png and loss.png over rounds from the metrics records; returns the paths."""
     panels = {
         "accuracy.png": (
@@ -73,14 +88,18 @@ def plot_curves(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
             if xs:
                 axes.plot(xs, ys, marker="o", markersize=3, label=label)
         _round_axes(axes, ylabel)
-        written.append(save_figure(figure, plots_dir / filename))
+        written.append(save_figure(figure, plots_dir / filename, run_name))
     return written
 
 
 def plot_client_accuracy(
-    records: list[dict[str, Any]], final: Sequence[float], split: str, path: Path
+    records: list[dict[str, Any]],
+    final: Sequence[float],
+    split: str,
+    path: Path,
+    run_name: str | None = None,
 ) -> Path:
-    return save_figure(client_accuracy_figure(records, final, split), path)
+    return save_figure(client_accuracy_figure(records, final, split), path, run_name)
 
 
 def client_accuracy_figure(
@@ -119,7 +138,7 @@ def client_accuracy_figure(
         bars.axhline(
             test_acc[-1], color="tab:red", linewidth=1, label=f"global test {test_acc[-1]:.3f}"
         )
-    bars.set_ylim(0, 1.02)
+    bars.set_ylim(*accuracy_limits([*final, mean, *test_acc[-1:]]))
     bars.set_xlabel("client (sorted by accuracy)")
     bars.set_ylabel(f"final accuracy on the client's {split} data")
     bars.set_title(f"final global model, per client (min {min(final, default=0):.3f})")
@@ -127,8 +146,10 @@ def client_accuracy_figure(
     return figure
 
 
-def plot_communication(records: list[dict[str, Any]], path: Path) -> Path:
-    return save_figure(communication_figure(records), path)
+def plot_communication(
+    records: list[dict[str, Any]], path: Path, run_name: str | None = None
+) -> Path:
+    return save_figure(communication_figure(records), path, run_name)
 
 
 def communication_figure(records: list[dict[str, Any]]) -> Figure:
@@ -190,14 +211,16 @@ def curves_figure(
     return figure
 
 
-def plot_layer_metrics(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
+def plot_layer_metrics(
+    records: list[dict[str, Any]], plots_dir: Path, run_name: str | None = None
+) -> list[Path]:
     """layer_<metric>.png for each `layer/<name>/<metric>` metric: one curve per layer, in the
     order the layers first appear (the layer map's order when callbacks log in that order)."""
     written = []
     for metric, layers in layer_series(records).items():
         figure = curves_figure(layers, metric, f"{metric} per layer")
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in metric)
-        written.append(save_figure(figure, plots_dir / f"layer_{safe}.png"))
+        written.append(save_figure(figure, plots_dir / f"layer_{safe}.png", run_name))
     return written
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from rich.table import Table
 
 from fedlit.hooks import call, defines
-from fedlit.loggers import human_bytes
+from fedlit.units import human_bytes
 
 MAX_ROWS = 24  # longer schedules show their first segments; schedule.json has them all
 

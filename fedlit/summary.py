@@ -14,8 +14,10 @@ def summarize(
     costs: dict[str, Any],
     eval_bn: list[str],
     world_size: int,
+    segments: int = 1,
 ) -> dict[str, Any]:
-    """Best and final accuracy (of every eval_bn protocol), rounds, wall time, costs."""
+    """Best and final accuracy (of every eval_bn protocol), rounds, wall time (of every
+    segment of a resumed run, and how many segments), costs."""
     evaluated = [m for m in history if "test/acc" in m]
     best = max(evaluated, key=lambda m: m["test/acc"])
     final = evaluated[-1]
@@ -26,6 +28,7 @@ def summarize(
         "final_test_loss": final["test/loss"],
         "rounds": history[-1]["round"],
         "wall_seconds": wall_seconds,
+        "segments": segments,
         **costs,
         "world_size": world_size,
     }

@@ -44,3 +44,9 @@ def test_foreign_and_unreadable_checkpoints_are_refused(tmp_path):
         load_checkpoint(garbage)
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         load_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_load_checkpoint_takes_a_str_path(tmp_path):
+    path = tmp_path / "last.ckpt"
+    save_checkpoint(str(path), {"format": "fedlit", "round": 2})
+    assert load_checkpoint(str(path))["round"] == 2

@@ -151,8 +151,17 @@ def test_partition_subcommand_prints_counts_and_writes_heat_map(quickstart, caps
     main(["partition", "--config", str(quickstart)])
     out = capsys.readouterr().out
     assert "heat map written to" in out
-    heat_map = quickstart.parent / "run" / "plots" / "partition.png"
+    heat_map = quickstart.parent / "run_partition.png"  # beside the run, never inside it
+    assert f"heat map written to {heat_map}" in out
     assert heat_map.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (quickstart.parent / "run" / "plots" / "partition.png").exists()
+
+
+def test_partition_writes_where_out_says(quickstart, tmp_path, capsys):
+    out_path = tmp_path / "preview.png"
+    main(["partition", "--config", str(quickstart), "--out", str(out_path)])
+    assert f"heat map written to {out_path}" in capsys.readouterr().out
+    assert out_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_callbacks_from_the_config_receive_the_hooks(quickstart, tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 from rich.console import Console
 
 from fedlit.cli import main
-from fedlit.compare import compare_runs, load_run, run_labels
+from fedlit.compare import compare_runs, load_run, load_runs, print_table, run_labels
 from fedlit.loggers import RunFiles
 
 CONFIG = "algorithm:\n  class_path: fedlit.algorithms.{name}\n  init_args:\n    mu: 0.1\n"
@@ -47,8 +47,13 @@ def test_compare_table_and_plot(tmp_path):
     a = write_run(tmp_path / "runs" / "fedavg", "FedAvg", [0.5, 0.8, 0.7])
     b = write_run(tmp_path / "runs" / "prox", "FedProx", [0.6, 0.75])
     c = write_run(tmp_path / "other" / "prox", "FedProx", [0.4], summary=False)  # still running
-    table, plot = compare_runs([a, b, c])
-    assert plot == tmp_path / "runs" / "compare_accuracy.png"
+    table, figures = compare_runs([a, b, c])
+    plot = tmp_path / "runs" / "compare_accuracy.png"
+    assert figures.written == [
+        ("accuracy per round", plot),
+        ("accuracy against communication", plot.with_name("compare_accuracy_vs_comm.png")),
+    ]
+    assert figures.notes == []  # no run recorded gradient norms: nothing to say about them
     assert plot.read_bytes()[:4] == b"\x89PNG"
     rows = [line.split("│")[1:-1] for line in text_of(table).splitlines() if line.count("│") > 2]
     cells = [[cell.strip() for cell in row] for row in rows]
@@ -104,6 +109,8 @@ def test_compare_command(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "MOON(mu=0.1)" in out and "0.9000" in out
     assert f"accuracy per round written to {tmp_path / 'cmp.png'}" in out
+    assert f"accuracy against communication written to {tmp_path / 'cmp_vs_comm.png'}" in out
+    assert "gradnorm" not in out  # no run recorded gradient norms: no line per run about it
     assert (tmp_path / "cmp.png").is_file()
     with pytest.raises(SystemExit) as exit_info:
         main(["compare", str(a), str(tmp_path / "missing")])
@@ -113,7 +120,8 @@ def test_compare_command(tmp_path, capsys, monkeypatch):
 
 def test_at_rounds_reads_runs_as_if_they_had_stopped_there(tmp_path):
     a = write_run(tmp_path / "runs" / "fedavg", "FedAvg", [0.5, 0.8, 0.7, 0.9])
-    table, plot = compare_runs([a], at_rounds=[1, 3])
+    table, figures = compare_runs([a], at_rounds=[1, 3])
+    plot = figures.written[0][1]
     rows = [line.split("│")[1:-1] for line in text_of(table).splitlines() if line.count("│") > 2]
     cells = [[cell.strip() for cell in row] for row in rows]
     # best accuracy among the rounds up to N, communication accumulated until N, no wall time
@@ -126,3 +134,29 @@ def test_at_rounds_reads_runs_as_if_they_had_stopped_there(tmp_path):
     assert (plot.parent / "compare_accuracy_vs_comm.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="no evaluated round at or before round 0"):
         load_run(a, "fedavg", upto=0)
+
+
+def test_compare_refuses_to_overwrite_its_figures_unless_asked(tmp_path, capsys):
+    a = write_run(tmp_path / "a", "FedAvg", [0.5, 0.9])
+    plot = tmp_path / "cmp.png"
+    main(["compare", str(a), "--plot", str(plot)])
+    first = plot.stat().st_mtime_ns
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", str(a), "--plot", str(plot)])
+    assert exit_info.value.code == 2
+    assert "pass --overwrite true" in capsys.readouterr().err
+    assert plot.stat().st_mtime_ns == first
+    main(["compare", str(a), "--plot", str(plot), "--overwrite", "true"])
+    assert f"accuracy per round written to {plot}" in capsys.readouterr().out
+
+
+def test_compare_fits_an_80_column_terminal(tmp_path):
+    a = write_run(tmp_path / "a", "FedAvg", [0.5, 0.9])
+    b = write_run(tmp_path / "b", "MOON", [0.7, 0.8])
+    console = Console(file=io.StringIO(), width=80, color_system=None, force_terminal=True)
+    print_table(load_runs([a, b]), console)
+    lines = console.file.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert any("MOON(mu=0.1)" in line for line in lines)
+    assert any("0.9000" in line for line in lines)

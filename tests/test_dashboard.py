@@ -16,7 +16,7 @@ from test_engine import make_run
 from conftest import ROOT
 from fedlit.cli import build_parser
 from fedlit.config import LoggerConfig, WandbConfig
-from fedlit.dashboard import has_api_key, layer_series, open_dashboard, resolve_mode
+from fedlit.dashboard import has_api_key, layer_series, open_dashboard, resolve_mode, resolve_names
 from fedlit.engine import fit
 from fedlit.loggers import read_metrics
 
@@ -83,7 +83,8 @@ def test_auto_logs_offline_when_the_server_cannot_be_reached(wandb_env, monkeypa
     finally:
         dashboard.finish({"best_test_acc": 0.5}, [], wandb_env / "no-plots")
     assert notices[0].startswith("W&B online start failed")
-    assert "upload it later with: wandb sync" in notices[1]
+    assert notices[1].endswith("upload it later with:")
+    assert notices[2].startswith("wandb sync ") and "\n" not in notices[2]  # one copyable line
     assert len(list((wandb_env / "wandb").glob("offline-run-*"))) == 1
 
 
@@ -286,3 +287,10 @@ def test_sweep_grid_points_are_valid_fit_overrides(path):
         assert cfg.algorithm.class_path == point["algorithm"]
         assert (cfg.data.alpha, cfg.seed) == (point["data.alpha"], point["seed"])
         assert cfg.logger.quiet is True
+
+
+def test_project_and_entity_come_from_the_environment_unless_the_config_sets_them():
+    environ = {"WANDB_PROJECT": "sweeps", "WANDB_ENTITY": "lab"}
+    assert resolve_names(WandbConfig(), environ) == ("sweeps", "lab")
+    assert resolve_names(WandbConfig(project="mine", entity="me"), environ) == ("mine", "me")
+    assert resolve_names(WandbConfig(), {}) == ("fedlit", None)

@@ -9,8 +9,10 @@ from test_engine import make_run
 
 from fedlit.algorithms import FedAvg
 from fedlit.config import LoggerConfig, WandbConfig
+from fedlit.console import ConsoleReport, status_line, summary_table
 from fedlit.engine import fit, prepare, run_round
-from fedlit.loggers import ConsoleReport, human_bytes, method_label, status_line, summary_table
+from fedlit.loggers import method_label
+from fedlit.units import human_bytes
 
 
 def rendered(*objects) -> str:
@@ -32,7 +34,7 @@ def test_status_keeps_the_latest_evaluation_between_evaluated_rounds():
     report.round_done({"round": 1, "train/loss": 1.5, "test/acc": 0.41, "comm/bytes": 2048})
     report.round_done({"round": 2, "train/loss": 1.25, "comm/bytes": 4096})
     status = status_line(report.latest)
-    assert status == "acc 0.410  loss 1.250  comm 4.0 KiB"
+    assert status == "acc 0.410 loss 1.250 comm 4.0 KiB"
     assert report.progress.tasks[report.rounds].completed == 2
 
 
@@ -61,7 +63,7 @@ def test_run_round_reports_each_of_its_clients(tmp_path):
             seen.append((done, total))
 
     run_round(fed, 1, observers=[Progress()])
-    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert seen == [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4)]  # announced, then each one
 
 
 def test_console_shows_panel_progress_and_table_and_quiet_shows_nothing(tmp_path, capsys):
@@ -75,7 +77,8 @@ def test_console_shows_panel_progress_and_table_and_quiet_shows_nothing(tmp_path
     assert "digits: 1,437 train / 360 test, 10 classes" in err
     assert "dirichlet(alpha=0.5) over 6 clients" in err
     assert "1 on cpu, 6 clients per rank" in err
-    assert "round" in err and "1/1" in err  # the round bar, finished
+    assert "round=1/1 train_loss=" in err  # stderr is not a terminal: one log line per round
+    assert "threads" in err
     assert "fedlit run summary" in err and "best_test_acc" in err
     assert "W&B" not in err  # disabled explicitly: no notice
 

@@ -7,11 +7,14 @@ import pytest
 
 from fedlit.plots import (
     MIB,
+    accuracy_limits,
     client_accuracy_figure,
     communication_figure,
     curves_figure,
     plot_comparison,
+    plot_curves,
     plot_layer_metrics,
+    save_figure,
 )
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -75,3 +78,19 @@ def test_layer_metrics_get_one_figure_per_metric_with_a_curve_per_layer(tmp_path
 def test_comparison_plot_is_written(tmp_path):
     path = plot_comparison({"run": ([1, 2], [0.5, 0.6])}, tmp_path / "deep" / "cmp.png")
     assert path.read_bytes()[:8] == PNG
+
+
+def test_client_accuracy_axis_fits_clients_close_to_one():
+    final = [0.95, 0.97, 1.0]
+    high = [{"round": 1, "test/acc": 0.98}]
+    low, top = client_accuracy_figure(high, final, "test").axes[-1].get_ylim()
+    assert 0.9 < low < 0.95 and 1.0 <= top <= 1.02  # not 0-1: the differences stay visible
+    assert accuracy_limits([0.1, 0.9]) == pytest.approx((0.02, 0.98))
+
+
+def test_a_run_s_figures_carry_its_name(tmp_path):
+    (path,) = plot_curves(history(), tmp_path, run_name="fedavg_cifar")[:1]
+    assert path.read_bytes()[:8] == PNG
+    figure = curves_figure({"a": ([1, 2], [0.1, 0.2])}, "acc", "acc per round")
+    save_figure(figure, tmp_path / "c.png", run_name="fedavg_cifar")
+    assert figure.get_suptitle() == "run fedavg_cifar"

@@ -39,60 +39,77 @@ class DataConfig:
     """Dataset, federated split and on-device augmentation.
 
     Defaults give a tiny, offline, deterministic setup (scikit-learn digits, 10 IID clients) so
-    that a run without any flags works anywhere.
+    that a run without any flags works anywhere. The synthetic data set is fixed by
+    `synthetic_seed`, not by the run's seed, like FedProx's saved JSON.
+
+    Attributes:
+        dataset: digits (bundled), synthetic (FedProx Synthetic(alpha, beta)), mnist,
+            fashion_mnist, cifar10, cifar100, imagefolder, tensors (your arrays) or custom
+            (your code).
+        root: torchvision root; for imagefolder a directory or a .tar.gz holding
+            train/<class>/* and test/<class>/*; for tensors a .npz or .pt file with x_train,
+            y_train, x_test, y_test (fedlit.data.custom).
+        source: dataset=custom: {class_path, init_args} of a callable returning the train and
+            test splits (torch Datasets of (x, y), or (x, y) pairs of tensors or arrays); it
+            runs code.
+        download: Allow torchvision to download missing files.
+        cache_dir: Decoded image folders are cached here as tensors (keyed by the source's
+            path, size and mtime).
+        coarse_labels: CIFAR-100's 20 super-classes instead of the 100 fine classes.
+        num_clients: Clients in the federation.
+        partition: iid, iid_overlap (independent draws of samples_per_client), dirichlet,
+            dirichlet_capped (FedMR), shards (McMahan), or natural (the dataset's own split).
+        alpha: Dirichlet concentration: 0.1 very skewed, 1.0 mild, large values near IID.
+        min_samples: Dirichlet: every client gets at least this many training samples.
+        samples_per_client: iid_overlap: required; iid / dirichlet: exact size per client
+            instead of the whole training set (LIPS: 100).
+        shards_per_client: shards: shards per client.
+        max_attempts: Dirichlet redraws before giving up with an error.
+        local_test: Per-client test split: none, label_mix (labels follow the client's
+            training mix, LIPS) or natural (the dataset's own per-client test data).
+        local_test_size: label_mix: test samples per client (LIPS: 400).
+        crop_padding: Random crop with this much zero padding on each side (0: off; CIFAR: 4).
+        hflip: Random horizontal flip.
+        rotation: Random rotation in [-rotation, rotation] degrees, zero fill (FedPart's
+            CIFAR-100: 15).
+        normalize: Per-channel normalisation (false: pixels stay in [0, 1]).
+        norm_mean: Explicit normalisation mean in [0, 1] units, one value or one per channel,
+            instead of the training split's (FedMR: [0.5]).
+        norm_std: Explicit normalisation std, with norm_mean (FedMR: [0.5]).
+        synthetic_alpha: Synthetic: spread of the per-device model means.
+        synthetic_beta: Synthetic: spread of the per-device feature means.
+        synthetic_dim: Synthetic: feature dimension.
+        synthetic_classes: Synthetic: classes.
+        synthetic_min_samples: Synthetic: minimum samples per device (FedProx: 50).
+        synthetic_seed: Synthetic: the seed that fixes the data set.
     """
 
     dataset: DatasetName = "digits"
-    # torchvision root directory; for imagefolder a directory or a .tar.gz with train/ and test/;
-    # for tensors a .npz or .pt file with x_train, y_train, x_test, y_test (fedlit.data.custom).
     root: str = "data"
-    # dataset=custom: {class_path, init_args} of a callable returning the train and test splits
-    # (torch Datasets of (x, y), or (x, y) pairs of tensors or arrays). It runs code.
     source: dict | None = None
-    # Allow torchvision to download missing files.
     download: bool = False
-    # Decoded image-folder tensors are cached here (keyed by the source's path, size and mtime).
     cache_dir: str = "data/cache"
-    # CIFAR-100's 20 super-classes instead of the 100 fine classes.
     coarse_labels: bool = False
     num_clients: int = 10
     partition: PartitionName = "iid"
-    # Dirichlet concentration: 0.1 very skewed, 1.0 mild, large values approach IID.
     alpha: float = 0.5
-    # Dirichlet: every client gets at least this many training samples (or the split fails).
     min_samples: int = 10
-    # iid_overlap: samples per client (required). iid / dirichlet: exact per-client size instead
-    # of using the whole training set (LIPS: 100).
     samples_per_client: int | None = None
     shards_per_client: int = 2
-    # Dirichlet redraws before giving up with an error (the split must never loop forever).
     max_attempts: int = 1000
-    # Per-client test split: none, label_mix (labels follow the client's training mix, LIPS)
-    # or natural (the dataset's own per-client test data).
     local_test: LocalTestName = "none"
-    # label_mix: test samples per client (LIPS: 400).
     local_test_size: int = 0
-    # Random crop with this much zero padding on each side (0 = off; CIFAR: 4).
     crop_padding: int = 0
     hflip: bool = False
-    # Random rotation by an angle uniform in [-rotation, rotation] degrees, zero fill (FedPart's
-    # CIFAR-100 setting: 15).
     rotation: float = 0.0
-    # Per-channel normalisation of images: with the training split's statistics unless
-    # norm_mean and norm_std are given (one value for all channels or one per channel, in [0, 1]
-    # pixel units; FedMR's code: 0.5 and 0.5); off: pixels in [0, 1] (FedPart's and LIPS's
-    # CIFAR-10 code).
     normalize: bool = True
     norm_mean: list[float] | None = None
     norm_std: list[float] | None = None
-    # FedProx Synthetic(alpha, beta) (Li et al., MLSys 2020). Their generator draws a device's
-    # sample count as floor(LogNormal(4, 2)) + 50, so 50 is the minimum per device.
     synthetic_alpha: float = 1.0
     synthetic_beta: float = 1.0
     synthetic_dim: int = 60
     synthetic_classes: int = 10
     synthetic_min_samples: int = 50
-    # The synthetic data set is fixed by this seed, not by the run seed, like FedProx's saved JSON.
     synthetic_seed: int = 0
 
     def __post_init__(self) -> None:

@@ -201,6 +201,11 @@ def normalisation(
     return bundle.mean, bundle.std
 
 
+def train_steps(n: int, batch_size: int, epochs: int) -> int:
+    """Optimizer steps of `train_batches` over `n` samples (for progress: no data is read)."""
+    return len(batch_bounds(n, batch_size)) * epochs
+
+
 def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     """[start, end) of each batch of an epoch over `n` samples: the last partial batch is kept,
     except that a lone last sample joins the batch before it (BatchNorm cannot train on one)."""

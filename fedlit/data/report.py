@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 from rich.table import Table
 
 # Beyond this many classes one column per class no longer fits a terminal; the table then lists
@@ -52,6 +51,8 @@ def plot_label_heatmap(
     counts: np.ndarray, classes: Sequence[str], path: str | Path, title: str | None = None
 ) -> Path:
     """PNG heat map: clients on x, classes on y, colour = samples. Returns the written path."""
+    from matplotlib.figure import Figure  # only when drawing: the table needs no matplotlib
+
     counts = np.asarray(counts)
     num_clients, num_classes = counts.shape
     # pyplot is avoided on purpose: a bare Figure needs no GUI backend and leaks no global state.
