@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from jsonargparse import (
     ActionConfigFile,
     ArgumentParser,
@@ -26,7 +27,9 @@ from fedlit.config import LoggerConfig, ModelFactory, RunConfig, TrainerConfig
 from fedlit.data.config import DataConfig
 from fedlit.divergence import DivergenceError
 from fedlit.engine import prepare, train
+from fedlit.errors import RunError, StoppedWithAnotherRank
 from fedlit.imports import import_path
+from fedlit.kinds import check_config_kinds
 from fedlit.models.build import DATA_ARGUMENTS, ModelSpec
 from fedlit.resume import load_for_resume, resolve_resume
 from fedlit.server import ServerOptimizer
@@ -166,6 +169,7 @@ def build_parser() -> ArgumentParser:
 
 
 RESUME_KEYS = ("resume", "resume_force")
+SECTIONS = "seed, run_dir, trainer, data, model, algorithm, callbacks, server_optimizer, logger"
 
 
 def load_resume(run: RunConfig, resume: str | None, force: bool) -> RunConfig:
@@ -174,17 +178,64 @@ def load_resume(run: RunConfig, resume: str | None, force: bool) -> RunConfig:
     if path is None:
         return run
     run.resume = load_for_resume(path, run.config_yaml, force)
+    run.resume_path = path
     return run
 
 
-def fail(message: str) -> None:
-    print(f"fedlit: error: {message}", file=sys.stderr)
+def fail(message: str, show: bool = True) -> None:
+    """Exit with status 2 and `message` (on one rank only: `show` is False on the others)."""
+    if show:
+        print(f"fedlit: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
-def to_run_config(parser: ArgumentParser, cfg: Namespace) -> RunConfig:
-    command = cfg.command
+def config_files(argv: list[str]) -> list[str]:
+    """The values of every `--config FILE` / `--config=FILE` in `argv`."""
+    files = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.partition("=")[2])
+    return files
+
+
+def check_config_file(path: str) -> None:
+    """A config file is a YAML mapping of sections; say so, instead of the parser's bare
+    "Unexpected config", when it is empty, a list or not YAML at all."""
+    file = Path(path)
+    if not file.is_file():
+        return  # the parser reports a missing file (or reads the value as inline YAML)
     try:
+        loaded = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        fail(f"--config {path} is not valid YAML: {problem}{where}")
+    except (OSError, UnicodeDecodeError) as error:
+        fail(f"--config {path} cannot be read: {error}")
+    if isinstance(loaded, dict):
+        return
+    found = "is empty" if loaded is None else f"holds a YAML {type(loaded).__name__}"
+    fail(
+        f"--config {path} {found}: a fedlit config is a YAML mapping of sections ({SECTIONS}), "
+        "e.g. configs/quickstart.yaml"
+    )
+
+
+def to_run_config(parser: ArgumentParser, cfg: Namespace) -> RunConfig:
+    """The parsed config, checked (kinds first: nothing is instantiated before they are
+    right) and instantiated."""
+    command = cfg.command
+    section = cfg[command]
+    if not str(section.run_dir).strip():
+        fail(
+            "run_dir must be a non-empty path: the run writes config.yaml, metrics.jsonl, "
+            "summary.json and checkpoints/ there (e.g. runs/quickstart)"
+        )
+    try:
+        check_config_kinds(section)
         init = parser.instantiate(cfg)[command]
         callbacks = [build_callback(spec, i) for i, spec in enumerate(init.callbacks or [])]
     except ValueError as error:
@@ -193,22 +244,25 @@ def to_run_config(parser: ArgumentParser, cfg: Namespace) -> RunConfig:
         fail("model is required: e.g. model: {class_path: fedlit.models.CNN, init_args: {...}}")
     spec = init.model.as_dict() if isinstance(init.model, Namespace) else dict(init.model)
     model = ModelSpec(spec["class_path"], dict(spec.get("init_args") or {}))
-    sections = cfg[command].clone()
+    sections = section.clone()
     for key in RESUME_KEYS:
         sections.pop(key, None)
     config_yaml = build_run_parser().dump(sections)
-    return RunConfig(
-        seed=init.seed,
-        run_dir=Path(init.run_dir),
-        trainer=init.trainer,
-        data=init.data,
-        model=model,
-        algorithm=init.algorithm,
-        callbacks=callbacks,
-        server_optimizer=init.server_optimizer,
-        logger=init.logger,
-        config_yaml=config_yaml,
-    )
+    try:
+        return RunConfig(
+            seed=init.seed,
+            run_dir=Path(init.run_dir),
+            trainer=init.trainer,
+            data=init.data,
+            model=model,
+            algorithm=init.algorithm,
+            callbacks=callbacks,
+            server_optimizer=init.server_optimizer,
+            logger=init.logger,
+            config_yaml=config_yaml,
+        )
+    except ValueError as error:
+        fail(str(error))
 
 
 def partition_report(run: RunConfig) -> Path:
@@ -247,6 +301,8 @@ def compare_command(cfg: Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    for path in config_files(sys.argv[1:] if argv is None else argv):
+        check_config_file(path)
     parser = build_parser()
     cfg = parser.parse_args(argv)
     if cfg.command == "compare":
@@ -269,7 +325,11 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(error))
     try:
         train(fed)
-    except DivergenceError as error:
+    except DivergenceError as error:  # every rank diverges alike: rank 0 says it
+        fail(str(error), show=fed.context.is_main)
+    except StoppedWithAnotherRank as error:  # the rank that failed says why
+        fail(str(error), show=fed.context.is_main)
+    except RunError as error:  # this rank's own failure (rank 0's writes, a restore)
         fail(str(error))
 
 
