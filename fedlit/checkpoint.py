@@ -50,6 +50,13 @@ def write_error(path: Path, error: OSError, existed: bool) -> WriteError:
     return WriteError(f"cannot write {path}: {cause}; {kept}")
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, write: Any) -> None:
     """Call `write(file)` on a temporary file beside `path`, fsync it, then rename over `path`.
 
@@ -63,6 +70,7 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the run's files from others
         with os.fdopen(fd, "wb") as file:
             recording = _RecordingFile(file)
             write(recording)
