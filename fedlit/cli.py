@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
 from jsonargparse import (
     ActionConfigFile,
     ArgumentParser,
@@ -24,6 +23,7 @@ from torch import nn
 
 from fedlit.algorithms import Algorithm, FedAvg
 from fedlit.config import LoggerConfig, ModelFactory, RunConfig, TrainerConfig
+from fedlit.configfile import check_config_files
 from fedlit.data.config import DataConfig
 from fedlit.divergence import DivergenceError
 from fedlit.engine import prepare, train
@@ -32,6 +32,7 @@ from fedlit.imports import import_path
 from fedlit.kinds import check_config_kinds
 from fedlit.models.build import DATA_ARGUMENTS, ModelSpec
 from fedlit.resume import load_for_resume, resolve_resume
+from fedlit.rundir import check_run_dir_name
 from fedlit.server import ServerOptimizer
 
 SUBCOMMANDS = {
@@ -169,7 +170,6 @@ def build_parser() -> ArgumentParser:
 
 
 RESUME_KEYS = ("resume", "resume_force")
-SECTIONS = "seed, run_dir, trainer, data, model, algorithm, callbacks, server_optimizer, logger"
 
 
 def load_resume(run: RunConfig, resume: str | None, force: bool) -> RunConfig:
@@ -189,52 +189,13 @@ def fail(message: str, show: bool = True) -> None:
     raise SystemExit(2)
 
 
-def config_files(argv: list[str]) -> list[str]:
-    """The values of every `--config FILE` / `--config=FILE` in `argv`."""
-    files = []
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            files.append(argv[i + 1])
-        elif arg.startswith("--config="):
-            files.append(arg.partition("=")[2])
-    return files
-
-
-def check_config_file(path: str) -> None:
-    """A config file is a YAML mapping of sections; say so, instead of the parser's bare
-    "Unexpected config", when it is empty, a list or not YAML at all."""
-    file = Path(path)
-    if not file.is_file():
-        return  # the parser reports a missing file (or reads the value as inline YAML)
-    try:
-        loaded = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or type(error).__name__
-        fail(f"--config {path} is not valid YAML: {problem}{where}")
-    except (OSError, UnicodeDecodeError) as error:
-        fail(f"--config {path} cannot be read: {error}")
-    if isinstance(loaded, dict):
-        return
-    found = "is empty" if loaded is None else f"holds a YAML {type(loaded).__name__}"
-    fail(
-        f"--config {path} {found}: a fedlit config is a YAML mapping of sections ({SECTIONS}), "
-        "e.g. configs/quickstart.yaml"
-    )
-
-
 def to_run_config(parser: ArgumentParser, cfg: Namespace) -> RunConfig:
     """The parsed config, checked (kinds first: nothing is instantiated before they are
     right) and instantiated."""
     command = cfg.command
     section = cfg[command]
-    if not str(section.run_dir).strip():
-        fail(
-            "run_dir must be a non-empty path: the run writes config.yaml, metrics.jsonl, "
-            "summary.json and checkpoints/ there (e.g. runs/quickstart)"
-        )
     try:
+        check_run_dir_name(section.run_dir)
         check_config_kinds(section)
         init = parser.instantiate(cfg)[command]
         callbacks = [build_callback(spec, i) for i, spec in enumerate(init.callbacks or [])]
@@ -301,8 +262,10 @@ def compare_command(cfg: Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    for path in config_files(sys.argv[1:] if argv is None else argv):
-        check_config_file(path)
+    try:
+        check_config_files(sys.argv[1:] if argv is None else argv)
+    except ValueError as error:
+        fail(str(error))
     parser = build_parser()
     cfg = parser.parse_args(argv)
     if cfg.command == "compare":

@@ -55,6 +55,15 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+def check_run_dir_name(run_dir: str) -> None:
+    """An empty run_dir would make every output land in the current directory."""
+    if not str(run_dir).strip():
+        raise ValueError(
+            "run_dir must be a non-empty path: the run writes config.yaml, metrics.jsonl, "
+            "summary.json and checkpoints/ there (e.g. runs/quickstart)"
+        )
+
+
 def check_run_dir(run_dir: Path) -> None:
     """Refuse a run directory that cannot work, from the path alone (nothing is written):
     a file in its place, a parent that is a file, no write permission or a read-only file
