@@ -29,7 +29,6 @@ from fedlit.divergence import DivergenceError
 from fedlit.engine import prepare, train
 from fedlit.errors import RunError, StoppedWithAnotherRank
 from fedlit.imports import import_path
-from fedlit.kinds import check_config_kinds
 from fedlit.models.build import DATA_ARGUMENTS, ModelSpec
 from fedlit.resume import load_for_resume, resolve_resume
 from fedlit.rundir import check_run_dir_name
@@ -192,6 +191,8 @@ def fail(message: str, show: bool = True) -> None:
 def to_run_config(parser: ArgumentParser, cfg: Namespace) -> RunConfig:
     """The parsed config, checked (kinds first: nothing is instantiated before they are
     right) and instantiated."""
+    from fedlit.kinds import check_config_kinds  # imports torch: not needed for --help
+
     command = cfg.command
     section = cfg[command]
     try:
