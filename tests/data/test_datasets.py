@@ -242,8 +242,10 @@ def _overwrite_a_train_header(plain) -> bytes:
 
 
 def _truncate_inside_a_member(plain) -> bytes:
-    data = plain.read_bytes()
-    return data[: _header_offset(plain, "good/train/cat/0000.png") + 700]
+    """The archive cut halfway through the content of good/train/cat/0000.png."""
+    with tarfile.open(plain) as tar:
+        member = tar.getmember("good/train/cat/0000.png")
+    return plain.read_bytes()[: member.offset_data + member.size // 2]
 
 
 def _append_a_second_archive(plain) -> bytes:
