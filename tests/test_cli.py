@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -310,3 +311,21 @@ def test_every_official_config_says_where_each_choice_comes_from():
         assert "official" in text.lower()
         config = yaml.safe_load(text)
         assert config["model"]["init_args"]["init"] == "official", path.name
+
+
+@pytest.mark.parametrize("is_main", [True, False], ids=["rank0", "rank1"])
+def test_a_divergence_is_said_once_by_rank_0_and_every_rank_exits_2(
+    quickstart, capsys, monkeypatch, is_main
+):
+    import fedlit.cli as cli
+    from fedlit.divergence import DivergenceError
+
+    fed = SimpleNamespace(context=SimpleNamespace(is_main=is_main))
+
+    def diverge(fed) -> None:
+        raise DivergenceError("training diverged in round 1: train/loss is nan")
+
+    monkeypatch.setattr(cli, "prepare", lambda run: fed)
+    monkeypatch.setattr(cli, "train", diverge)
+    err = fail_message(capsys, ["fit", "--config", str(quickstart)])
+    assert err.count("training diverged in round 1") == (1 if is_main else 0)
