@@ -13,7 +13,9 @@ per layer of the model's layer map:
   trained the layer.
 
 The global model is identical on every rank, so the weight metrics need no communication; the
-gradient norms are summed over ranks with one all-reduce of one flat tensor per measured round.
+gradient norms land in one slot per sampled client, which one all-reduce per measured round
+fills on every rank, and are summed in client order there: the same float64 sum on 1 and N
+ranks.
 """
 
 from __future__ import annotations
@@ -126,7 +128,8 @@ class LayerInertia:
         self._names: dict[str, list[str]] = {}
         self._reference: dict[str, torch.Tensor] | None = None
         self._previous: dict[str, torch.Tensor] = {}
-        self._grads: torch.Tensor | None = None
+        self._grads: torch.Tensor | None = None  # (sampled clients, 2 x layers)
+        self._slots: dict[int, int] = {}  # client -> its row of _grads
 
     # ---- hooks -------------------------------------------------------------------------------
 
@@ -146,25 +149,29 @@ class LayerInertia:
             if self.reference_round == 0:
                 self._reference = {k: v.clone() for k, v in self._previous.items()}
 
-    def on_round_start(self, round: int) -> None:
+    def on_round_start(self, round: int, clients: list[int]) -> None:
         if self._measures(round):
             layers = len(self._names)
-            # [per-layer sum of gradient norms..., per-layer count of clients...]
-            self._grads = torch.zeros(2 * layers, dtype=torch.float64, device=self._device())
+            # a row per sampled client: [gradient norm per layer..., 1 per layer it trained...]
+            self._slots = {client: row for row, client in enumerate(clients)}
+            self._grads = torch.zeros(
+                len(clients), 2 * layers, dtype=torch.float64, device=self._device()
+            )
 
-    def on_client_end(self, round: int, model: nn.Module) -> None:
+    def on_client_end(self, round: int, client: int, model: nn.Module) -> None:
         if self._grads is None or not self._measures(round):
             return
         params = dict(model.named_parameters())
         count = len(self._names)
+        row = self._grads[self._slots[client]]
         for i, names in enumerate(self._names.values()):
             grads = [params[n].grad for n in names if params[n].grad is not None]
             if grads:
                 squares = torch.stack(
                     [torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in grads]
                 )
-                self._grads[i] += squares.sum().sqrt()
-                self._grads[count + i] += 1.0
+                row[i] = squares.sum().sqrt()
+                row[count + i] = 1.0
 
     def on_round_end(self, round: int, metrics: dict[str, Any]) -> None:
         current = self._snapshot(self._context.global_model)
@@ -238,9 +245,14 @@ class LayerInertia:
             )
         grads = self._grads
         if grads is None:  # on_round_start did not run (e.g. measured outside the engine)
-            grads = torch.zeros(2 * len(layers), dtype=torch.float64, device=self._device())
+            grads = torch.zeros(1, 2 * len(layers), dtype=torch.float64, device=self._device())
         self._context.comm.all_reduce_sum(grads)  # ONE collective per measured round
-        rows.append(grads)
+        # each slot is non-zero on one rank only, so the all-reduce is exact; the sum runs in
+        # client order whatever the number of ranks
+        total = torch.zeros(grads.shape[1], dtype=torch.float64, device=grads.device)
+        for client_row in grads:
+            total += client_row
+        rows.append(total)
         values = torch.cat(rows).tolist()
         self._grads = None
         return self._named(layers, values, with_reference=self._reference is not None)

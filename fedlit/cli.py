@@ -26,6 +26,10 @@ from jsonargparse import (
     set_parsing_settings,
 )
 
+from fedlit.configfile import check_config_files
+from fedlit.errors import RunError, StoppedWithAnotherRank
+from fedlit.rundir import check_run_dir_name
+
 if TYPE_CHECKING:
     from fedlit.config import RunConfig
 
@@ -194,20 +198,29 @@ def load_resume(run: RunConfig, resume: str | None, force: bool) -> RunConfig:
     if path is None:
         return run
     run.resume = load_for_resume(path, run.config_yaml, force)
+    run.resume_path = path
     return run
 
 
-def fail(message: str) -> None:
-    print(f"fedlit: error: {message}", file=sys.stderr)
+def fail(message: str, show: bool = True) -> None:
+    """Exit with status 2 and `message` (on one rank only: `show` is False on the others)."""
+    if show:
+        print(f"fedlit: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
 def to_run_config(parser: ArgumentParser, cfg: Namespace) -> RunConfig:
+    """The parsed config, checked (kinds first: nothing is instantiated before they are
+    right) and instantiated."""
     from fedlit.config import RunConfig
+    from fedlit.kinds import check_config_kinds  # imports torch: not needed for --help
     from fedlit.models.build import ModelSpec
 
     command = cfg.command
+    section = cfg[command]
     try:
+        check_run_dir_name(section.run_dir)
+        check_config_kinds(section)
         init = parser.instantiate(cfg)[command]
         callbacks = [build_callback(spec, i) for i, spec in enumerate(init.callbacks or [])]
     except ValueError as error:
@@ -216,22 +229,25 @@ def to_run_config(parser: ArgumentParser, cfg: Namespace) -> RunConfig:
         fail("model is required: e.g. model: {class_path: fedlit.models.CNN, init_args: {...}}")
     spec = init.model.as_dict() if isinstance(init.model, Namespace) else dict(init.model)
     model = ModelSpec(spec["class_path"], dict(spec.get("init_args") or {}))
-    sections = cfg[command].clone()
+    sections = section.clone()
     for key in COMMAND_KEYS:
         sections.pop(key, None)
     config_yaml = build_run_parser().dump(sections)
-    return RunConfig(
-        seed=init.seed,
-        run_dir=Path(init.run_dir),
-        trainer=init.trainer,
-        data=init.data,
-        model=model,
-        algorithm=init.algorithm,
-        callbacks=callbacks,
-        server_optimizer=init.server_optimizer,
-        logger=init.logger,
-        config_yaml=config_yaml,
-    )
+    try:
+        return RunConfig(
+            seed=init.seed,
+            run_dir=Path(init.run_dir),
+            trainer=init.trainer,
+            data=init.data,
+            model=model,
+            algorithm=init.algorithm,
+            callbacks=callbacks,
+            server_optimizer=init.server_optimizer,
+            logger=init.logger,
+            config_yaml=config_yaml,
+        )
+    except ValueError as error:
+        fail(str(error))
 
 
 def partition_path(run_dir: Path, out: str | None) -> Path:
@@ -294,12 +310,20 @@ def fit_command(parser: ArgumentParser, cfg: Namespace) -> None:
         fail(str(error))
     try:
         train(fed)
-    except DivergenceError as error:
+    except DivergenceError as error:  # every rank diverges alike: rank 0 says it
+        fail(str(error), show=fed.context.is_main)
+    except StoppedWithAnotherRank as error:  # the rank that failed says why
+        fail(str(error), show=fed.context.is_main)
+    except RunError as error:  # this rank's own failure (rank 0's writes, a restore)
         fail(str(error))
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        check_config_files(argv)
+    except ValueError as error:
+        fail(str(error))
     command = requested_command(argv)
     parser = build_parser((command,) if command else ())
     cfg = parser.parse_args(argv)

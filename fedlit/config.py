@@ -192,3 +192,12 @@ class RunConfig:
     server_optimizer: ServerOptimizer | None = None
     config_yaml: str = ""
     resume: dict[str, Any] | None = None  # a checkpoint loaded by fedlit.resume.load_for_resume
+    resume_path: Path | None = None  # where `resume` was read from, for messages
+
+    def __post_init__(self) -> None:
+        # bool is an int subclass; numpy's SeedSequence refuses negative seeds deep inside
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(
+                "seed must be a non-negative integer (it seeds every random stream of the run: "
+                f"partition, sampling, batches, initialisation), got {self.seed!r}"
+            )

@@ -31,7 +31,12 @@ def first_nonfinite_layer(layers: list[Layer], model: torch.nn.Module) -> str | 
 
 
 def check_finite(
-    context: Context, round_idx: int, train_loss: float, first_bad: torch.Tensor, weights: bool
+    context: Context,
+    round_idx: int,
+    train_loss: float,
+    first_bad: torch.Tensor,
+    weights: bool,
+    kept: str = "",
 ) -> None:
     """Stop the run when the round's loss, or (when `weights`: before a checkpoint) the
     aggregated model, is not finite.
@@ -40,7 +45,8 @@ def check_finite(
     checked only before a checkpoint, which therefore never holds a non-finite weight (a
     non-finite weight in between shows as a non-finite loss one round later). Loss and model
     are identical on every rank, so every rank takes the same branch, and the extra all-reduce
-    (which client: `first_bad` holds this rank's first, or NO_CLIENT) runs only then.
+    (which client: `first_bad` holds this rank's first, or NO_CLIENT) runs only then. `kept`
+    says what there is to resume from (the engine knows whether a checkpoint was written).
     """
     finite_loss = bool(np.isfinite(train_loss))
     if finite_loss and not weights:
@@ -53,8 +59,8 @@ def check_finite(
     client = int(first_bad.item())
     who = f"client {client}" if client != NO_CLIENT else "no client had a non-finite loss"
     where = f"first non-finite layer {layer}" if layer else "the weights are finite"
+    kept = f"{kept}; " if kept else ""
     raise DivergenceError(
         f"training diverged in round {round_idx}: train/loss is {train_loss} ({who}); "
-        f"{where} after aggregation. The last good checkpoint is kept; lower the learning rate "
-        "or check the data"
+        f"{where} after aggregation. {kept}lower the learning rate or check the data"
     )

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +38,6 @@ from torch import nn
 
 from fedlit.algorithms.base import ServerStep, Upload
 from fedlit.algorithms.fedavg import AverageServer
-from fedlit.checkpoint import save_checkpoint
 from fedlit.checks import check_before_launch
 from fedlit.clients import Stream, clients_per_round, owned_clients, sample_clients, stream_seed
 from fedlit.comm import Communicator, copy_into, named_tensors
@@ -56,14 +56,17 @@ from fedlit.evaluation import (
 )
 from fedlit.faults import inject_fault
 from fedlit.hooks import call, call_all, defines
-from fedlit.launch import launch, launch_settings, leave_process_group
+from fedlit.kinds import check_built_model
+from fedlit.launch import is_first_process, launch, launch_settings, leave_process_group
 from fedlit.local import freeze_inactive, seed_device_generator, train_client
 from fedlit.local_tensors import local_classes, local_tensor_names
 from fedlit.models.layers import Layer, check_layer_map, layer_map_of
 from fedlit.observers import dashboard_id, make_observers
 from fedlit.optim import make_optimizer
+from fedlit.persist import checkpoints, kept, resume_state, save_round_checkpoint, tell_observers
 from fedlit.protocols import parse_protocols
-from fedlit.resume import checkpoint_state, gather_client_states, restore
+from fedlit.resume import check_fits
+from fedlit.rundir import claim_run_dir, release_run_dir
 from fedlit.schedule import layers_of_round
 from fedlit.state import ClientState
 from fedlit.summary import summarize
@@ -83,6 +86,8 @@ class Federation:
     server: ServerStep | None = None
     costs: CostTracker | None = None  # bytes and FLOPs, identical on every rank
     history: list[dict[str, Any]] = field(default_factory=list)
+    # (round, path) of the checkpoint a run stopping now would resume from (fedlit.persist)
+    last_checkpoint: tuple[int, Path] | None = None
 
     @property
     def global_model(self) -> nn.Module:
@@ -136,10 +141,13 @@ def load(run: RunConfig) -> Loaded:
     torch.manual_seed(stream_seed(run.seed, Stream.INIT))
     model = run.model(bundle.num_classes, tuple(bundle.input_shape))
     model = call(run.algorithm, "build_model", model=model) or model
+    check_built_model(model, getattr(run.model, "class_path", type(model).__name__))
     layers = layer_map_of(model)
     check_layer_map(model, layers)
     # e.g. a schedule naming layers the model does not have
     call_all(run.callbacks, "check_layers", layers=layers)
+    if run.resume is not None:  # --resume_force lets the config differ, never the model
+        check_fits(run.resume, run.resume_path, model, run.callbacks)
     return Loaded(bundle, partition, model, layers)
 
 
@@ -209,12 +217,21 @@ def prepare(run: RunConfig) -> Federation:
     """Check the settings, start the ranks and build every rank's state; no training yet.
 
     Everything that can be wrong with a config (keys, values, data files, an impossible
-    partition, a broken layer map) fails here, before the first round.
+    partition, a broken layer map, a checkpoint that does not fit) fails here, before the first
+    round; only then does rank 0 take the run directory (fedlit.rundir), before any rank starts.
     """
     check_before_launch(run)
     loaded = load(run)
-    fabric = launch(run)
-    return setup(run, fabric, loaded)
+    owner = is_first_process()
+    if owner:
+        claim_run_dir(run.run_dir)
+    try:
+        fabric = launch(run)
+        return setup(run, fabric, loaded)
+    except BaseException:
+        if owner:
+            release_run_dir(run.run_dir)
+        raise
 
 
 # ---- one round ----------------------------------------------------------------------------
@@ -391,7 +408,9 @@ def run_round(fed: Federation, round_idx: int, observers: list[Any] = ()) -> dic
         call_all(observers, "on_client_done", done=done, total=len(plan.mine))
 
     step = fed.server.finish(plan)
-    check_finite(context, round_idx, step.train_loss, first_bad, checkpoints(run, round_idx))
+    check_finite(
+        context, round_idx, step.train_loss, first_bad, checkpoints(run, round_idx), kept(fed)
+    )
     costs = fed.costs.record(round_idx, plan, step)
     call_all(
         callbacks,
@@ -416,49 +435,35 @@ def run_round(fed: Federation, round_idx: int, observers: list[Any] = ()) -> dic
     return metrics
 
 
-# ---- checkpoints --------------------------------------------------------------------------
-
-
-def checkpoints(run: RunConfig, round_idx: int) -> bool:
-    """Whether a checkpoint is written after `round_idx` (every checkpoint_every, and the end)."""
-    every = run.trainer.checkpoint_every
-    return round_idx == run.trainer.rounds or bool(every and round_idx % every == 0)
-
-
-def save_round_checkpoint(fed: Federation, round_idx: int, wandb_id: str | None) -> None:
-    """Gather every rank's client state to rank 0, which writes last.ckpt atomically (a
-    collective: every rank calls it). What it holds: fedlit.resume."""
-    clients = gather_client_states(fed.context)
-    if fed.context.is_main:
-        state = checkpoint_state(
-            fed.run, round_idx, fed.global_model, fed.history, fed.costs, fed.server,
-            clients, fed.context.world_size, wandb_id,
-        )  # fmt: skip
-        save_checkpoint(fed.run.run_dir / "checkpoints" / "last.ckpt", state)
-
-
 # ---- the run ------------------------------------------------------------------------------
 
 
 def train(fed: Federation) -> dict[str, Any] | None:
-    """Run the rounds; returns the summary on rank 0 (None elsewhere). Rank 0 alone has
-    observers (files, figures, console, W&B): other ranks never import wandb."""
+    """Run the rounds; returns the summary on rank 0 (None on other ranks).
+
+    Rank 0 alone has observers: it writes files, draws, prints and talks to W&B; other ranks
+    never import wandb. Nothing is written into the run directory before a resumed run's state
+    is back in place. Rank 0 gives up the run directory at the end, however the run ends.
+    """
+    try:
+        return train_rounds(fed)
+    finally:
+        release_run_dir(fed.run.run_dir)
+
+
+def train_rounds(fed: Federation) -> dict[str, Any] | None:
     run, context = fed.run, fed.context
     call_all(run.callbacks, "on_fit_start", context=context)
-    first_round = 1
-    if run.resume is not None:
-        models = [fed.global_model, fed.working]
-        fed.history = restore(run.resume, run, context, models, fed.costs, fed.server)
-        first_round = int(run.resume["round"]) + 1
+    first_round = resume_state(fed) if run.resume is not None else 1
     observers = make_observers(run, context, fed.costs.ledger.bytes_of) if context.is_main else []
     try:
-        call_all(observers, "on_fit_start", history=fed.history)
+        tell_observers(fed, observers, "on_fit_start", history=fed.history)
         fed.costs.wall.start()
         for round_idx in range(first_round, run.trainer.rounds + 1):
             inject_fault(context.rank, round_idx)
             metrics = run_round(fed, round_idx, observers)
             fed.history.append(metrics)
-            call_all(observers, "on_round_end", metrics=metrics)
+            tell_observers(fed, observers, "on_round_end", metrics=metrics)
             last = round_idx == run.trainer.rounds  # the final checkpoint is written below
             if checkpoints(run, round_idx) and not last:
                 save_round_checkpoint(fed, round_idx, dashboard_id(observers))
@@ -479,7 +484,8 @@ def train(fed: Federation) -> dict[str, Any] | None:
         save_round_checkpoint(fed, fed.history[-1]["round"], dashboard_id(observers))
         call_all(observers, "on_rounds_end")
         call_all(run.callbacks, "on_fit_end", summary=summary)
-        call_all(
+        tell_observers(
+            fed,
             observers,
             "on_fit_end",
             summary=summary,

@@ -8,20 +8,73 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from lightning.fabric import Fabric
 
 from fedlit.config import RunConfig, TrainerConfig
+from fedlit.errors import StoppedWithAnotherRank
+
+if TYPE_CHECKING:
+    from fedlit.context import Context
+
+TORCHRUN_VARIABLES = {"RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE"}
 
 
 def launch_settings(trainer: TrainerConfig) -> tuple[int, int]:
     """(devices, num_nodes): from torchrun's environment when started by it, else the config."""
-    if {"RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE"} <= os.environ.keys():
+    if under_torchrun():
         local = int(os.environ["LOCAL_WORLD_SIZE"])
         return local, max(1, int(os.environ["WORLD_SIZE"]) // local)
     return trainer.devices, trainer.num_nodes
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun (or another launcher setting its variables) started this process."""
+    return os.environ.keys() >= TORCHRUN_VARIABLES
+
+
+def has_node_launcher() -> bool:
+    """Whether something starts this process on each of several nodes: torchrun, or the
+    variables Lightning's own multi-node launch reads (MASTER_ADDR and NODE_RANK on every
+    node). Without one, `trainer.num_nodes > 1` would wait forever for nodes nobody starts."""
+    return under_torchrun() or {"MASTER_ADDR", "NODE_RANK"} <= os.environ.keys()
+
+
+def is_first_process() -> bool:
+    """Whether this process is (or, before launch, will be) global rank 0: the one that owns
+    the run directory. torchrun sets RANK; processes Fabric's launcher starts carry LOCAL_RANK
+    and NODE_RANK; the process that launches them is rank 0."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"]) == 0
+    return (
+        int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+    )
+
+
+def stop_together(context: Context, error: Exception | None) -> None:
+    """Every rank learns whether any rank failed, and all stop if one did: the rank that
+    failed raises its `error`, the others `StoppedWithAnotherRank`.
+
+    For what one rank does alone (rank 0 writes the run's files and checkpoints; each rank
+    restores its own clients): without it the other ranks would wait in their next collective
+    until a timeout. One all-reduce of a flag, only when there are several ranks.
+    """
+    failed = error is not None
+    if context.comm.distributed:
+        flag = torch.tensor([float(failed)], device=context.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        anyone_failed = bool(flag.item())
+    else:
+        anyone_failed = failed
+    if error is not None:
+        raise error
+    if anyone_failed:
+        raise StoppedWithAnotherRank(
+            f"rank {context.rank} stops: another rank failed (its message says why)"
+        )
 
 
 def make_fabric(run: RunConfig) -> Fabric:

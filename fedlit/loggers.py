@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedlit.checkpoint import atomic_write_bytes
+from fedlit.checkpoint import atomic_write_bytes, write_error
 
 
 def _finite(value: Any) -> Any:
@@ -24,22 +24,35 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _metrics_line(metrics: dict[str, Any]) -> str:
+    return json.dumps({k: _finite(v) for k, v in metrics.items()}) + "\n"
+
+
 class RunFiles:
-    """The run directory's text outputs."""
+    """The run directory's text outputs. A failed write is a WriteError naming the file and
+    the cause (fedlit.checkpoint), never a traceback."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
         self.summary_path = run_dir / "summary.json"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path.write_text("")
+        run_dir.mkdir(parents=True, exist_ok=True)  # made by fedlit.rundir before a fit
 
     def write_config(self, text: str) -> None:
         atomic_write_bytes(self.run_dir / "config.yaml", lambda f: f.write(text.encode()))
 
+    def write_metrics(self, records: list[dict[str, Any]]) -> None:
+        """metrics.jsonl := `records` (a fresh run: none; a resumed one: its checkpoint's),
+        replaced atomically, so a failure leaves the previous file as it was."""
+        text = "".join(_metrics_line(m) for m in records)
+        atomic_write_bytes(self.metrics_path, lambda f: f.write(text.encode()))
+
     def append_metrics(self, metrics: dict[str, Any]) -> None:
-        with self.metrics_path.open("a") as file:
-            file.write(json.dumps({k: _finite(v) for k, v in metrics.items()}) + "\n")
+        try:
+            with self.metrics_path.open("a") as file:
+                file.write(_metrics_line(metrics))
+        except OSError as error:
+            raise write_error(self.metrics_path, error, existed=True) from error
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         text = json.dumps({k: _finite(v) for k, v in summary.items()}, indent=2) + "\n"

@@ -95,9 +95,8 @@ class RunFilesObserver:
     def on_fit_start(self, history: list[dict[str, Any]]) -> None:
         self.files = RunFiles(self.run.run_dir)
         self.files.write_config(self.run.config_yaml)
-        for metrics in history:  # a resumed run: the rounds up to its checkpoint
-            if "test/acc" in metrics:
-                self.files.append_metrics(metrics)
+        # a resumed run: the evaluated rounds up to its checkpoint; a fresh one: none
+        self.files.write_metrics([m for m in history if "test/acc" in m])
 
     def on_round_end(self, metrics: dict[str, Any]) -> None:
         if "test/acc" in metrics:

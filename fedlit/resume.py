@@ -103,6 +103,7 @@ def load_for_resume(path: Path, config_yaml: str, force: bool = False) -> dict[s
             f"{path} is a fedlit checkpoint of format version {state.get('version', 1)}, which "
             f"cannot be resumed: this fedlit resumes version {CHECKPOINT_VERSION} (start afresh)"
         )
+    check_complete(state, path)
     differing = config_differences(state["config"], config_yaml)
     if differing and not force:
         raise ValueError(
@@ -111,6 +112,84 @@ def load_for_resume(path: Path, config_yaml: str, force: bool = False) -> dict[s
             f"(keys that may change: {', '.join(MAY_CHANGE)})"
         )
     return state
+
+
+# What a checkpoint of this version holds, with the kind of each entry (None: any value).
+ENTRIES: dict[str, type | None] = {
+    "round": int,
+    "model": dict,
+    "metrics": list,
+    "costs": dict,
+    "config": str,
+    "clients": dict,
+    "algorithm": None,
+    "server": None,
+    "callbacks": list,
+}
+
+
+def check_complete(state: dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint that lacks an entry, or holds one of the wrong kind, before the run
+    relies on it (a hand-edited or damaged file; a file fedlit wrote is always complete)."""
+    for key, kind in ENTRIES.items():
+        if key not in state:
+            raise ValueError(
+                f"{path} is an incomplete fedlit checkpoint: it has no {key!r} entry (a "
+                f"checkpoint of version {CHECKPOINT_VERSION} holds {', '.join(ENTRIES)}); give "
+                "a last.ckpt written by `fedlit fit`, or start afresh"
+            )
+        if kind is not None and not isinstance(state[key], kind):
+            raise ValueError(
+                f"{path} is a damaged fedlit checkpoint: its {key!r} entry is a "
+                f"{type(state[key]).__name__}, not a {kind.__name__}; give a last.ckpt written "
+                "by `fedlit fit`, or start afresh"
+            )
+    if not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        raise ValueError(
+            f"{path} is a damaged fedlit checkpoint: its 'model' entry is not a state_dict of "
+            "tensors; give a last.ckpt written by `fedlit fit`, or start afresh"
+        )
+
+
+def check_fits(
+    state: dict[str, Any], path: Path | None, model: torch.nn.Module, callbacks: list[Any]
+) -> None:
+    """Refuse, before launch, a checkpoint whose model or callbacks are not this run's: its
+    tensors must have the model's names, shapes and dtypes (--resume_force lets the config
+    differ, never the model), and it must hold one state per callback."""
+    where = path or "the checkpoint"
+    saved = state["model"]
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    different = [
+        f"{k} {tuple(saved[k].shape)} {saved[k].dtype} vs {tuple(v.shape)} {v.dtype}"
+        for k, v in expected.items()
+        if k in saved and (saved[k].shape != v.shape or saved[k].dtype != v.dtype)
+    ]
+    if missing or unexpected or different:
+        parts = []
+        if missing:
+            parts.append(f"missing from the checkpoint: {_some(missing)}")
+        if unexpected:
+            parts.append(f"not in this model: {_some(unexpected)}")
+        if different:
+            parts.append(f"different shape or dtype (checkpoint vs model): {_some(different)}")
+        raise ValueError(
+            f"{where} holds another model than this run's {type(model).__name__} "
+            f"({'; '.join(parts)}); resume with the model that wrote it (its config is in the "
+            "checkpoint; --resume_force lets settings differ, never the model)"
+        )
+    if len(state["callbacks"]) != len(callbacks):
+        raise ValueError(
+            f"{where} holds the state of {len(state['callbacks'])} callbacks, this run has "
+            f"{len(callbacks)}; resume with the callbacks that wrote it"
+        )
+
+
+def _some(names: list[str], shown: int = 4) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 # ---- the run's state ------------------------------------------------------------------------

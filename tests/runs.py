@@ -239,3 +239,48 @@ def fit_on_two_ranks(config: Path, run_dir: Path, *extra: str) -> None:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def fit_cases(cases: dict[str, list[str]], out: Path) -> None:
+    """`fedlit fit ARGV --run_dir out/NAME` for every case, one after another, in this process."""
+    from fedlit.cli import main
+
+    for name, argv in cases.items():
+        main(["fit", *argv, "--run_dir", str(out / name)])
+
+
+def fit_cases_on_two_ranks(cases: dict[str, list[str]], out: Path) -> None:
+    """`fit_cases` on 2 CPU ranks started once by torchrun: one start-up (interpreters, torch,
+    the rendezvous) for all the cases, which each rank runs one after another."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out.mkdir(parents=True, exist_ok=True)
+    listing = out / "cases.json"
+    listing.write_text(json.dumps(cases))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("FEDLIT_FAULT", None)
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    done = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", __file__, str(listing), str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+if __name__ == "__main__":  # a rank of fit_cases_on_two_ranks
+    import json
+    import sys
+
+    import torch.distributed as dist
+
+    import fedlit.engine
+
+    # one process group for all the cases (Fabric reuses a live one): creating a gloo group
+    # again after destroying one can race in its rendezvous
+    fedlit.engine.leave_process_group = lambda fabric: fabric.barrier()
+    fit_cases(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]))
+    dist.destroy_process_group()

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -17,6 +19,9 @@ def test_checkpoint_round_trip(tmp_path):
     assert loaded["round"] == 3 and torch.equal(loaded["model"]["w"], torch.arange(4.0))
     assert loaded["metrics"] == [{"round": 1, "test/acc": 0.5}]
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it
 
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path):

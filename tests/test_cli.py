@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 
 from conftest import ROOT
@@ -114,6 +117,24 @@ def test_print_config_shows_the_resolved_sections(quickstart, capsys):
         (["--data.local_test", "none"], "trainer.personal_eval needs per-client test splits"),
         (["--trainer.devices", "11"], "ranks beyond the last client would own no client"),
         (["--data.num_clients", "500", "--data.min_samples", "20"], "data.min_samples"),
+        (["--seed", "-1"], "seed must be a non-negative integer"),
+        (
+            ["--trainer.optimizer.init_args.lr", "-0.1"],
+            "trainer.optimizer (SGD) refuses its init_args: Invalid learning rate: -0.1",
+        ),
+        (
+            [
+                "--trainer.optimizer",
+                '{"class_path": "torch.optim.Adam", "init_args": {"betas": [0.9, 1.5]}}',
+            ],
+            "trainer.optimizer (Adam) refuses its init_args: Invalid beta parameter at index 1",
+        ),
+        (
+            ["--trainer.num_nodes", "2"],
+            "trainer.num_nodes=2 needs every node started by a launcher",
+        ),
+        (["--model", "torch.nn.Identity"], "model: torch.nn.Identity has no trainable parameters"),
+        (["--algorithm", "fedlit.models.CNN"], "does not implement protocol Algorithm"),
     ],
 )
 def test_bad_settings_stop_before_training_with_the_setting_named(
@@ -122,6 +143,72 @@ def test_bad_settings_stop_before_training_with_the_setting_named(
     err = fail_message(capsys, ["fit", "--config", str(quickstart), *override])
     assert expected in err
     assert not (quickstart.parent / "run" / "metrics.jsonl").exists()
+
+
+def test_a_config_naming_code_of_the_wrong_kind_is_refused_before_calling_it(
+    quickstart, tmp_path, capsys
+):
+    """A config is code (fedlit.kinds): an entry is checked for its kind before anything is
+    instantiated, so neither a shell command through subprocess.Popen as a callback nor
+    os.system as a model runs."""
+    marker = tmp_path / "ran"
+    popen = json.dumps(
+        [
+            {
+                "class_path": "subprocess.Popen",
+                "init_args": {"args": f"touch {marker}", "shell": True},
+            }
+        ]
+    )
+    system = json.dumps({"class_path": "os.system", "init_args": {"command": f"touch {marker}"}})
+    err = fail_message(capsys, ["fit", "--config", str(quickstart), "--callbacks", popen])
+    assert "callbacks[0]: subprocess.Popen is a class without any of the callback hooks" in err
+    for command in ("fit", "partition"):  # the parser refuses it: not a subclass of Module
+        err = fail_message(capsys, [command, "--config", str(quickstart), "--model", system])
+        assert "os.system does not correspond to a subclass of Module" in err
+    for key in ("--trainer.optimizer", "--algorithm", "--server_optimizer"):
+        err = fail_message(capsys, ["fit", "--config", str(quickstart), key, system])
+        assert key.lstrip("-") in err and "os.system" in err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", "is empty: a fedlit config is a YAML mapping of sections (seed, run_dir, trainer"),
+        ("# only a comment\n", "is empty: a fedlit config is a YAML mapping"),
+        ("- seed: 0\n- run_dir: x\n", "holds a YAML list: a fedlit config is a YAML mapping"),
+        ("seed: [0\n", "is not valid YAML: expected ',' or ']'"),
+    ],
+    ids=["empty", "comment", "list", "not_yaml"],
+)
+def test_a_config_file_that_is_not_a_mapping_says_what_a_config_is(
+    tmp_path, capsys, text, expected
+):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    err = fail_message(capsys, ["fit", "--config", str(path)])
+    assert f"--config {path} {expected}" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_cuda_without_a_gpu_is_refused_before_launch(quickstart, capsys):
+    err = fail_message(
+        capsys, ["fit", "--config", str(quickstart), "--trainer.accelerator", "cuda"]
+    )
+    assert "trainer.accelerator=cuda but no CUDA device is visible here" in err
+
+
+def test_wandb_online_without_an_api_key_is_refused_before_launch(
+    quickstart, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    err = fail_message(
+        capsys, ["fit", "--config", str(quickstart), "--logger.wandb.mode", "online"]
+    )
+    assert "logger.wandb.mode=online needs a W&B API key, and none is configured" in err
+    assert not (quickstart.parent / "run").exists()
 
 
 def test_missing_dataset_files_with_download_off(tmp_path, capsys):
@@ -205,8 +292,13 @@ def test_callbacks_from_the_config_receive_the_hooks(quickstart, tmp_path, monke
     [
         ('[{"class_path": "no_such_module.Thing"}]', "callbacks[0].class_path: cannot import"),
         (
-            '[{"class_path": "fedlit.state.ClientStore", "init_args": {"devize": "cpu"}}]',
-            "callbacks[0] (fedlit.state.ClientStore)",
+            '[{"class_path": "callbacks.freezing.FedPartSchedule", '
+            '"init_args": {"warmup_roundz": 1}}]',
+            "callbacks[0] (callbacks.freezing.FedPartSchedule)",
+        ),
+        (
+            '[{"class_path": "fedlit.state.ClientStore", "init_args": {"device": "cpu"}}]',
+            "callbacks[0]: fedlit.state.ClientStore is a class without any of the callback hooks",
         ),
     ],
 )
@@ -228,3 +320,21 @@ def test_every_official_config_says_where_each_choice_comes_from():
         assert "official" in text.lower()
         config = yaml.safe_load(text)
         assert config["model"]["init_args"]["init"] == "official", path.name
+
+
+@pytest.mark.parametrize("is_main", [True, False], ids=["rank0", "rank1"])
+def test_a_divergence_is_said_once_by_rank_0_and_every_rank_exits_2(
+    quickstart, capsys, monkeypatch, is_main
+):
+    import fedlit.cli as cli
+    from fedlit.divergence import DivergenceError
+
+    fed = SimpleNamespace(context=SimpleNamespace(is_main=is_main))
+
+    def diverge(fed) -> None:
+        raise DivergenceError("training diverged in round 1: train/loss is nan")
+
+    monkeypatch.setattr(cli, "prepare", lambda run: fed)
+    monkeypatch.setattr(cli, "train", diverge)
+    err = fail_message(capsys, ["fit", "--config", str(quickstart)])
+    assert err.count("training diverged in round 1") == (1 if is_main else 0)

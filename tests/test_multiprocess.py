@@ -5,6 +5,7 @@ however they were started: only the floating-point order of the reduction may di
 the default float64 reduction (and the same CPU thread count per rank) not even that shows.
 """
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -12,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import ROOT
 from fedlit.checkpoint import load_checkpoint
 from fedlit.loggers import read_metrics
+from runs import fit_cases, fit_cases_on_two_ranks
 
 pytestmark = pytest.mark.multiprocess
 
@@ -75,3 +78,91 @@ def test_torchrun_launch_matches_fabric_launch(cli, tmp_path):
     under_torchrun = fit_with(cli, tmp_path / "torchrun", devices=1, launcher=launcher)
     fabric_launch = fit_with(cli, tmp_path / "fabric", devices=2)
     assert_same_run(under_torchrun, fabric_launch)
+
+
+# ---- metrics.jsonl is the same file on 1 and 2 ranks, for every method ----------------------
+
+QUIET = [
+    "--trainer.devices", "1",  # torchrun's environment makes it 2 in fit_cases_on_two_ranks
+    "--trainer.accelerator", "cpu",
+    "--trainer.cpu_threads", "1",
+    "--trainer.checkpoint_every", "0",
+    "--logger.quiet", "true",
+    "--logger.plots", "false",
+    "--logger.wandb.mode", "disabled",
+]  # fmt: skip
+SHORT = ["--trainer.rounds", "2", "--trainer.local_epochs", "1"]
+
+
+def case(config: str, *overrides: str) -> list[str]:
+    return ["--config", f"configs/{config}", *QUIET, *SHORT, *overrides]
+
+
+# one of each kind of logged sum: sampled clients, an extra forward pass (MOON), extra uploads
+# and downloads (SCAFFOLD), a layer schedule (FedPart)
+REPRESENTATIVE = {
+    "fedavg_sampled": case("quickstart.yaml", "--trainer.clients_per_round", "4"),
+    "moon": case(
+        "quickstart.yaml",
+        "--algorithm", '{"class_path": "fedlit.algorithms.MOON", "init_args": {"mu": 1.0}}',
+    ),
+    "scaffold": case("scaffold_synthetic.yaml"),
+    "fedpart": case("gradnorm_digits_fedpart.yaml", "--trainer.rounds", "4"),
+}  # fmt: skip
+EVERY_OTHER = {
+    "fedprox": case(
+        "quickstart.yaml",
+        "--algorithm", '{"class_path": "fedlit.algorithms.FedProx", "init_args": {"mu": 0.1}}',
+    ),
+    "fedmr": case("fedmr_digits.yaml", "--trainer.rounds", "3"),
+    "lips": case("lips_digits_cnn_fedavg_lips.yaml", "--trainer.rounds", "6"),
+    "probes": case("probes_digits_cnn.yaml", "--trainer.rounds", "5"),
+    "feddyn": case("feddyn_synthetic.yaml"),
+    "fednova": case("fednova_synthetic.yaml"),
+    "fedadam": case("fedadam_synthetic.yaml"),
+    "fedavg_local_bn": case(
+        "quickstart.yaml",
+        "--model", '{"class_path": "fedlit.models.ResNet8"}',
+        "--algorithm.init_args.buffers", "local",
+    ),
+}  # fmt: skip
+
+
+def assert_same_metrics_files(cases: dict[str, list[str]], tmp_path: Path, monkeypatch) -> None:
+    """Every case's metrics.jsonl, bar the wall-clock times and FedMR's exchange bytes, is the
+    same on one rank (in this process) and on two (one torchrun launch for all the cases)."""
+    monkeypatch.chdir(ROOT)
+    fit_cases(cases, tmp_path / "one")
+    fit_cases_on_two_ranks(cases, tmp_path / "two")
+    differing = []
+    for name in cases:
+        one, two = (
+            [without_times(line) for line in (tmp_path / ranks / name / "metrics.jsonl").open()]
+            for ranks in ("one", "two")
+        )
+        assert one, name
+        if one != two:
+            differing.append(name)
+    assert differing == []
+
+
+def comparable(key: str) -> bool:
+    """Not a wall-clock time, and not FedMR's exchange bytes (ranks' traffic, by design)."""
+    return not (
+        key.startswith("time/") or key.endswith("seconds") or key.startswith("fedmr/exchange")
+    )
+
+
+def without_times(line: str) -> str:
+    return json.dumps({k: v for k, v in json.loads(line).items() if comparable(k)})
+
+
+def test_metrics_are_the_same_file_on_one_and_two_ranks(tmp_path, monkeypatch):
+    assert_same_metrics_files(REPRESENTATIVE, tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+def test_metrics_of_every_other_method_are_the_same_file_on_one_and_two_ranks(
+    tmp_path, monkeypatch
+):
+    assert_same_metrics_files(EVERY_OTHER, tmp_path, monkeypatch)

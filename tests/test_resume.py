@@ -4,6 +4,7 @@ a checkpoint of 2 ranks continues on 1; a changed config or a foreign file is re
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import signal
@@ -197,6 +198,7 @@ def test_divergence_stops_with_round_client_and_layer_and_keeps_the_last_good_ch
     err = fail_message(capsys, ["fit", "--config", str(config)])
     assert "training diverged in round 3" in err and "(client 3)" in err
     assert "first non-finite layer conv1" in err
+    assert f"The last good checkpoint, of round 2 ({tmp_path / 'run' / LAST}), is kept" in err
     saved = load_checkpoint(tmp_path / "run" / LAST)
     assert saved["round"] == 2
     assert all(torch.isfinite(t).all() for t in saved["model"].values())
@@ -207,7 +209,74 @@ def test_a_huge_learning_rate_is_reported_as_divergence(tmp_path, capsys):
     err = fail_message(
         capsys, ["fit", "--config", str(config), "--trainer.optimizer.init_args.lr", "1e12"]
     )
-    assert "training diverged in round" in err and "lower the learning rate" in err
+    assert "training diverged in round 1" in err and "lower the learning rate" in err
+    # nothing was saved yet: the message must not promise a checkpoint
+    assert "No checkpoint has been written yet (trainer.checkpoint_every=0 writes one only " in err
+    assert "last good checkpoint" not in err and not (tmp_path / "run" / LAST).exists()
+
+
+def run_files(run_dir: Path) -> dict[str, bytes]:
+    """Every file of a run directory, by relative path, with its bytes."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_a_failed_resume_leaves_the_run_directory_as_it_was(tmp_path, capsys):
+    config = quick_config(tmp_path)
+    main(["fit", "--config", str(config)])
+    run_dir = tmp_path / "run"
+    before = run_files(run_dir)
+    assert before["metrics.jsonl"] and before["config.yaml"]
+    resume = ["fit", "--config", str(config), "--trainer.rounds", "3", "--resume"]
+    other_model = ["--model", '{"class_path": "fedlit.models.MLP"}', "--resume_force", "true"]
+    err = fail_message(capsys, [*resume, "auto", *other_model])
+    assert f"{run_dir / LAST} holds another model than this run's MLP" in err
+    assert "--resume_force lets settings differ, never the model" in err
+    no_model = tmp_path / "no_model.ckpt"
+    state = load_checkpoint(run_dir / LAST)
+    del state["model"]
+    save_checkpoint(no_model, state)
+    err = fail_message(capsys, [*resume, str(no_model)])
+    assert f"{no_model} is an incomplete fedlit checkpoint: it has no 'model' entry" in err
+    assert run_files(run_dir) == before
+
+
+def test_a_full_disk_at_a_checkpoint_stops_the_run_with_one_line(tmp_path, capsys, monkeypatch):
+    config = quick_config(tmp_path, rounds=3, checkpoint_every=1)
+    real_fdopen = os.fdopen
+    full_after = {"writes": 1}  # round 1's checkpoint fits, round 2's does not
+
+    class FullDisk:
+        def __init__(self, file) -> None:
+            self.file, self.full = file, full_after["writes"] == 0
+            full_after["writes"] -= 1
+
+        def write(self, data) -> int:
+            if self.full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.file.close()
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        checkpoint = ".last.ckpt." in os.readlink(f"/proc/self/fd/{fd}")
+        file = real_fdopen(fd, mode, *args, **kwargs)
+        return FullDisk(file) if checkpoint else file
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    err = fail_message(capsys, ["fit", "--config", str(config)])
+    last = tmp_path / "run" / LAST
+    assert err.startswith(f"fedlit: error: cannot write {last}: No space left on device, ")
+    assert err.endswith("bytes free; the previous last.ckpt is unchanged\n")
+    assert err.count("\n") == 1 and "enforce fail" not in err
+    assert load_checkpoint(last)["round"] == 1
+    assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
 
 
 # ---- a real SIGKILL of a 2-rank run ---------------------------------------------------------

@@ -8,6 +8,14 @@ copies untouched. The layout may sit under one top-level folder (``cifar10-jpeg/
 Classes are the ``train/`` sub-folders sorted alphabetically, which is CIFAR-10's label order.
 An optional ``classes.csv`` next to ``train/`` (the CIFAR-100 copy) fixes the fine label ids and
 maps each fine class to a coarse super-class, for the 20-class variant.
+
+A damaged archive is an error, never a smaller data set. Python's ``tarfile`` ends its iteration
+silently at a member header it cannot parse (a corrupted size field, a truncated header) and
+keeps the members before it; here every header must parse, the archive is read to its end (so
+a truncated or corrupted compressed stream fails its own check), and nothing but zeros may follow
+the end-of-archive marker. Each failure names the file and what is wrong. The cache records how
+many images of each split the source held, and a cache whose tensors disagree with that record,
+or one written before the record existed, is decoded again.
 """
 
 from __future__ import annotations
@@ -15,9 +23,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import lzma
 import os
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +41,13 @@ GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
 CLASSES_CSV = "classes.csv"
 CSV_COLUMNS = ("fine_label", "fine_name", "coarse_label", "coarse_name")
 # Bump when the cached layout changes so stale caches are ignored rather than misread.
-CACHE_VERSION = 1
+# 2: caches record the image count of each split ("members"); version 1 could hold a partial
+# load of a damaged archive.
+CACHE_VERSION = 2
 SPLITS = ("train", "test")
-CACHE_KEYS = {"classes", "classes_csv", "train_x", "train_y", "test_x", "test_y"}
+CACHE_KEYS = {"classes", "classes_csv", "train_x", "train_y", "test_x", "test_y", "members"}
+# What reading a damaged or truncated archive raises, from tarfile and the decompressors.
+ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)
 
 
 @dataclass
@@ -62,6 +76,7 @@ def load_image_folder(root: str, cache_dir: str, coarse_labels: bool) -> ImageFo
     if raw is None:
         files, csv_text = _read_tar(source) if source.is_file() else _read_directory(source)
         raw = _decode(files, csv_text, str(source))
+        raw["members"] = {split: len(files[split]) for split in SPLITS}
         _write_cache(raw, cache_path)
     return _apply_labels(raw, coarse_labels, root)
 
@@ -94,7 +109,13 @@ def _read_cache(path: Path) -> dict | None:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # the unpickler raises all kinds of errors on a damaged file
         return None  # a cache is disposable: decode again and overwrite it
-    return raw if isinstance(raw, dict) and raw.keys() >= CACHE_KEYS else None
+    if not isinstance(raw, dict) or not raw.keys() >= CACHE_KEYS:
+        return None
+    members = raw["members"]
+    complete = isinstance(members, dict) and all(
+        members.get(split) == len(raw[f"{split}_x"]) == len(raw[f"{split}_y"]) for split in SPLITS
+    )
+    return raw if complete else None
 
 
 def _write_cache(raw: dict, path: Path) -> None:
@@ -147,28 +168,65 @@ def _single_prefix(prefixes: set[tuple[str, ...]], source: str) -> tuple[str, ..
 Files = dict[str, list[tuple[str, str, bytes]]]  # split -> [(class, file name, encoded bytes)]
 
 
+class _StrictTarInfo(tarfile.TarInfo):
+    """A member header that must parse. tarfile treats a bad header after the first (invalid
+    number or checksum, a truncated block, the end of the file) as the end of the archive and
+    silently drops every member after it; this raises instead. The end-of-archive marker (a
+    zero block) still ends the iteration."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.EOFHeaderError:
+            raise
+        except tarfile.EmptyHeaderError:
+            raise tarfile.ReadError(
+                f"the archive ends at byte {tarfile_.offset} without its end-of-archive marker "
+                "(truncated)"
+            ) from None
+        except tarfile.HeaderError as error:
+            raise tarfile.ReadError(
+                f"the member header at byte {tarfile_.offset} is damaged ({error})"
+            ) from None
+
+
 def _read_tar(source: Path) -> tuple[Files, str | None]:
+    """Every member of the archive, read to its end; a damaged or truncated archive is a
+    ValueError naming it, the member being read and the cause."""
     found: dict[tuple[str, ...], Files] = {}
     csv_texts: dict[tuple[str, ...], str] = {}
-    if not tarfile.is_tarfile(source):
+    where = "at its start"
+    try:
+        if not tarfile.is_tarfile(source):
+            raise ValueError(
+                f"data.root={str(source)!r} is a file but not a (compressed) tar archive: for "
+                "data.dataset=imagefolder use a directory or a .tar/.tar.gz with train/ and test/"
+            )
+        with tarfile.open(source, "r:*", tarinfo=_StrictTarInfo) as archive:
+            for member in archive:
+                where = f"in or after member {member.name}"
+                if not member.isfile():
+                    continue
+                parts = tuple(p for p in member.name.split("/") if p not in ("", "."))
+                if parts and parts[-1] == CLASSES_CSV:
+                    csv_texts[parts[:-1]] = _read_member(archive, member).decode("utf-8")
+                    continue
+                split = _split_member(parts)
+                if split is None:
+                    continue
+                prefix, name, label, file_name = split
+                files = found.setdefault(prefix, {s: [] for s in SPLITS})
+                files[name].append((label, file_name, _read_member(archive, member)))
+            where = "after its last member"
+            _read_to_end(archive)
+    except ARCHIVE_ERRORS as error:
+        cause = str(error) or type(error).__name__
         raise ValueError(
-            f"data.root={str(source)!r} is a file but not a (compressed) tar archive: for "
-            "data.dataset=imagefolder use a directory or a .tar/.tar.gz with train/ and test/"
-        )
-    with tarfile.open(source, "r:*") as archive:
-        for member in archive:
-            if not member.isfile():
-                continue
-            parts = tuple(p for p in member.name.split("/") if p not in ("", "."))
-            if parts and parts[-1] == CLASSES_CSV:
-                csv_texts[parts[:-1]] = _read_member(archive, member).decode("utf-8")
-                continue
-            split = _split_member(parts)
-            if split is None:
-                continue
-            prefix, name, label, file_name = split
-            files = found.setdefault(prefix, {s: [] for s in SPLITS})
-            files[name].append((label, file_name, _read_member(archive, member)))
+            f"data.root={str(source)!r} is damaged or truncated ({where}): {cause}. No partial "
+            "data set is used; copy the archive again or re-create it (tar czf), or point "
+            "data.root at the image directory"
+        ) from None
     prefix = _single_prefix(set(found), str(source))
     return found[prefix], csv_texts.get(prefix)
 
@@ -176,7 +234,27 @@ def _read_tar(source: Path) -> tuple[Files, str | None]:
 def _read_member(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     handle = archive.extractfile(member)
     assert handle is not None  # regular files always have a payload
-    return handle.read()
+    data = handle.read()
+    if len(data) != member.size:
+        raise tarfile.ReadError(f"{member.name} holds {len(data)} of its {member.size} bytes")
+    return data
+
+
+def _read_to_end(archive: tarfile.TarFile) -> None:
+    """Read what follows the end-of-archive marker to the end of the (decompressed) stream:
+    only zeros may follow (anything else is members tarfile would not read, e.g. a second
+    archive appended), and reaching the end makes gzip and xz check their CRC and length."""
+    fileobj = archive.fileobj
+    # tarfile stopped after reading the zero block at archive.offset: read on from there
+    # (only forward: a backward seek would decompress a gzip stream again from its start)
+    if fileobj.tell() < archive.offset:
+        fileobj.seek(archive.offset)
+    while chunk := fileobj.read(1 << 20):
+        if chunk.count(0) != len(chunk):
+            raise tarfile.ReadError(
+                "data follows the end-of-archive marker (e.g. a second archive appended to the "
+                "first), which would not be read"
+            )
 
 
 def _read_directory(source: Path) -> tuple[Files, str | None]:
@@ -189,7 +267,13 @@ def _read_directory(source: Path) -> tuple[Files, str | None]:
             continue
         prefix, name, label, file_name = split
         files = found.setdefault(prefix, {s: [] for s in SPLITS})
-        files[name].append((label, file_name, path.read_bytes()))
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise ValueError(
+                f"data.root={str(source)!r}: cannot read {path}: {error.strerror or error}"
+            ) from None
+        files[name].append((label, file_name, data))
     prefix = _single_prefix(set(found), str(source))
     csv_path = source.joinpath(*prefix, CLASSES_CSV)
     csv_text = csv_path.read_text("utf-8") if csv_path.is_file() else None

@@ -19,6 +19,15 @@ from torch import nn
 from fedlit.imports import import_path
 
 DATA_ARGUMENTS = ("num_classes", "input_shape")
+MODEL_FACTORY_MARK = "__fedlit_model_factory__"  # set by model_factory, read by fedlit.kinds
+
+
+def model_factory(function: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Mark a function without a `-> nn.Module` annotation as a model builder a config may
+    name: `model` accepts nn.Module subclasses and functions that say they build one, so that a
+    config never calls an arbitrary function such as `os.system` (fedlit.kinds)."""
+    setattr(function, MODEL_FACTORY_MARK, True)
+    return function
 
 
 def data_arguments(target: Callable[..., Any], num_classes: int, input_shape: tuple[int, ...]):

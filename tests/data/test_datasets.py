@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import re
 import struct
 import tarfile
 
@@ -211,6 +213,93 @@ def test_unreadable_cache_is_rebuilt(tmp_path):
     again = _load_folder(tmp_path / "imgs", tmp_path / "cache")
     assert torch.equal(first.train.x, again.train.x)
     assert cache_file.stat().st_size > 100  # rewritten
+
+
+# ---------------------------------------------------------------- damaged archives
+
+
+def _plain_tar(tmp_path):
+    """tmp_path/imgs.tar of a 3-class image tree (9 train, 6 test images) under good/."""
+    _make_folder(tmp_path / "imgs")
+    plain = tmp_path / "imgs.tar"
+    with tarfile.open(plain, "w") as tar:
+        tar.add(tmp_path / "imgs", arcname="good")
+    return plain
+
+
+def _header_offset(plain, name: str) -> int:
+    with tarfile.open(plain) as tar:
+        return next(m.offset for m in tar.getmembers() if m.name == name)
+
+
+def _overwrite_a_train_header(plain) -> bytes:
+    """The issue's reproduction: 99999999 over the 8-byte field at offset 148 of the header
+    of a member under train/bee/, followed by more train/ and test/ members."""
+    data = bytearray(plain.read_bytes())
+    offset = _header_offset(plain, "good/train/bee/0001.png")
+    data[offset + 148 : offset + 156] = b"99999999"
+    return bytes(data)
+
+
+def _truncate_inside_a_member(plain) -> bytes:
+    """The archive cut halfway through the content of good/train/cat/0000.png."""
+    with tarfile.open(plain) as tar:
+        member = tar.getmember("good/train/cat/0000.png")
+    return plain.read_bytes()[: member.offset_data + member.size // 2]
+
+
+def _append_a_second_archive(plain) -> bytes:
+    data = plain.read_bytes()
+    return data + data  # tarfile stops at the first end-of-archive marker
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (
+            _overwrite_a_train_header,
+            r"in or after member good/train/bee/0000.png\): the member "
+            r"header at byte \d+ is damaged",
+        ),
+        (
+            _truncate_inside_a_member,
+            r"good/train/cat/0000.png holds \d+ of its \d+ bytes|"
+            r"unexpected end of data",
+        ),
+        (_append_a_second_archive, "data follows the end-of-archive marker"),
+    ],
+    ids=["damaged_header", "truncated_member", "two_archives"],
+)
+def test_a_damaged_archive_is_an_error_never_a_smaller_data_set(tmp_path, damage, expected):
+    archive = tmp_path / "damaged.tar.gz"
+    archive.write_bytes(gzip.compress(damage(_plain_tar(tmp_path))))
+    with pytest.raises(ValueError, match="is damaged or truncated") as error:
+        _load_folder(archive, tmp_path / "cache")
+    assert str(archive) in str(error.value) and "No partial data set is used" in str(error.value)
+    assert re.search(expected, str(error.value)), str(error.value)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.99], ids=["half", "last_bytes"])
+def test_a_truncated_gzip_stream_is_a_message_not_a_traceback(tmp_path, cut):
+    compressed = gzip.compress(_plain_tar(tmp_path).read_bytes())
+    archive = tmp_path / "cut.tar.gz"
+    archive.write_bytes(compressed[: int(len(compressed) * cut)])
+    with pytest.raises(ValueError, match=r"cut.tar.gz' is damaged or truncated \("):
+        _load_folder(archive, tmp_path / "cache")
+
+
+def test_a_cache_that_disagrees_with_its_member_count_is_decoded_again(tmp_path):
+    archive = tmp_path / "imgs.tar.gz"
+    archive.write_bytes(gzip.compress(_plain_tar(tmp_path).read_bytes()))
+    whole = _load_folder(archive, tmp_path / "cache")
+    assert len(whole.train.y) == 9
+    (cache_file,) = (tmp_path / "cache").glob("*.pt")
+    partial = torch.load(cache_file, weights_only=True)
+    partial["train_x"], partial["train_y"] = partial["train_x"][:5], partial["train_y"][:5]
+    torch.save(partial, cache_file)  # what a partial load cached under the same key looked like
+    again = _load_folder(archive, tmp_path / "cache")
+    assert torch.equal(again.train.x, whole.train.x) and len(again.train.y) == 9
 
 
 def test_cache_inside_the_image_directory_keeps_its_key(tmp_path, monkeypatch):
