@@ -186,8 +186,8 @@ def test_divergence_stops_with_round_client_and_layer_and_keeps_the_last_good_ch
     config = quick_config(tmp_path, rounds=4, checkpoint_every=1)
     poison = engine.train_one_client
 
-    def nan_at_round_3(fed, plan, client):
-        loss, upload = poison(fed, plan, client)
+    def nan_at_round_3(fed, plan, client, observers=()):
+        loss, upload = poison(fed, plan, client, observers)
         if plan.round == 3 and client == plan.clients[-1]:
             with torch.no_grad():
                 fed.working.conv1.weight.fill_(math.nan)
@@ -398,11 +398,11 @@ RESHARDED = {
 }
 
 
-# local BN statistics run in the default suite; the other stores, slower, with -m slow
+# -m slow: tests/test_eval_bn.py reshards local tensors both ways in the default suite
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "method",
-    [m if m == "local_bn" else pytest.param(m, marks=pytest.mark.slow) for m in RESHARDED],
+    [pytest.param(m, marks=pytest.mark.slow) for m in RESHARDED],
 )
 def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path, method):
     """Client state (local BN statistics, MOON's previous models, FedMR's slots) is re-sharded:

@@ -260,6 +260,8 @@ def test_fedpart_composes_with_fedprox_and_moon(tmp_path, algorithm):
         assert torch.isfinite(torch.tensor(metrics["train/loss"]))
 
 
+# -m slow: FedPart on 2 ranks is in the default suite (tests/test_multiprocess.py)
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_ranks_train_the_same_partial_rounds_as_one(cli, tmp_path):
     """Partial all-reduce over 2 ranks: the layers outside the round's selection stay untouched

@@ -156,6 +156,8 @@ def test_bad_settings_are_refused(kwargs, message):
         LayerPeeledProbe(**kwargs)
 
 
+# -m slow: the default suite checks 2-rank metrics on FedAvg, MOON, SCAFFOLD and FedPart
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_ranks_give_the_same_probe_numbers_as_one(cli, tmp_path):
     config = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())

@@ -240,6 +240,8 @@ def quickstart_with_lips(tmp_path, devices):
     return path, run_dir
 
 
+# -m slow: the default suite checks 2-rank metrics on FedAvg, MOON, SCAFFOLD and FedPart
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_ranks_log_what_one_rank_logs(cli, tmp_path):
     """Per-client gradients stay on their owner's rank and the per-rank sums of both callbacks
