@@ -284,3 +284,15 @@ if __name__ == "__main__":  # a rank of fit_cases_on_two_ranks
     fedlit.engine.leave_process_group = lambda fabric: fabric.barrier()
     fit_cases(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]))
     dist.destroy_process_group()
+
+
+def fail_message(capsys, argv: list[str]) -> str:
+    """What `fedlit` prints to stderr when it refuses `argv` (and asserts it exits with 2)."""
+    import pytest
+
+    from fedlit.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err

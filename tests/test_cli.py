@@ -12,6 +12,7 @@ import yaml
 
 from conftest import ROOT
 from fedlit.cli import build_parser, main
+from runs import fail_message
 
 # Complete configs; the overlays of configs/results (no model of their own) are parsed on top of
 # the configs they reduce, row by row, in tests/test_reproduce.py.
@@ -20,13 +21,6 @@ CONFIGS = sorted(
     for p in (ROOT / "configs").rglob("*.yaml")
     if "model" in (yaml.safe_load(p.read_text()) or {})
 )
-
-
-def fail_message(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from fedlit.engine import fit
 from fedlit.loggers import read_metrics
 from fedlit.models import CNN
 from fedlit.resume import config_differences, load_for_resume
-from runs import fit_on_two_ranks, tiny_run
+from runs import fail_message, fit_on_two_ranks, tiny_run
 
 ROUNDS = 4
 LAST = Path("checkpoints") / "last.ckpt"
@@ -138,13 +138,6 @@ def quick_config(tmp_path: Path, **trainer) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def fail_message(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
 
 
 def test_resume_refuses_a_changed_config_unless_forced(tmp_path, capsys):

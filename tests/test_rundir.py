@@ -17,11 +17,10 @@ import yaml
 
 from conftest import ROOT
 from fedlit import rundir
-from fedlit.cli import main
 from fedlit.engine import prepare
 from fedlit.models import CNN
 from fedlit.rundir import check_run_dir, claim_run_dir, release_run_dir
-from runs import tiny_run
+from runs import fail_message, tiny_run
 
 HOLD_LOCK = (
     "import sys, time\n"
@@ -42,13 +41,6 @@ def quick_config(tmp_path: Path, run_dir: Path | str) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def fail_message(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
 
 
 @pytest.fixture
