@@ -484,6 +484,47 @@ def probe_changes(rows: Sequence[Row]) -> tuple[list[str], list[dict[tuple[str, 
     return layers, per_seed
 
 
+def cfd_compare_figure(
+    columns: Sequence[tuple[str, list[dict[tuple[str, str], float]]]],
+    layers: Sequence[str],
+    path: Path,
+) -> None:
+    """Per layer, the relative change of Var_W/Var_B (received against local model) of every
+    method, train and local-test panels: the seeds' mean as a line, their range as a band. The
+    FedAvg and FedBN lines on one axis are the CFD curve with and without its BN confound."""
+    if not layers or not any(per_seed for _, per_seed in columns):
+        return
+    figure = Figure(figsize=(11, 4.2))
+    axes = figure.subplots(1, 2, sharey=True)
+    positions = list(range(len(layers)))
+    for ax, metric in zip(axes, ("train_ratio", "test_ratio"), strict=True):
+        for name, per_seed in columns:
+            if not per_seed:
+                continue
+            seeds_values = [[100.0 * c.get((layer, metric), math.nan) for layer in layers]
+                            for c in per_seed]  # fmt: skip
+            mean = [statistics.fmean(v) for v in zip(*seeds_values, strict=True)]
+            low = [min(v) for v in zip(*seeds_values, strict=True)]
+            high = [max(v) for v in zip(*seeds_values, strict=True)]
+            (line,) = ax.plot(
+                positions,
+                mean,
+                marker="o",
+                label=f"{name} ({len(per_seed)} seed{'s' if len(per_seed) > 1 else ''})",
+            )
+            if len(per_seed) > 1:
+                ax.fill_between(positions, low, high, color=line.get_color(), alpha=0.2)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xticks(positions, layers, rotation=45, ha="right", fontsize=8)
+        ax.set_title(PROBE_COLUMNS[metric])
+        ax.set_xlabel("layer (input to penultimate)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("change after aggregation (%)\nhigher = classes worse separated")
+    axes[0].legend()
+    figure.suptitle("cumulative feature degradation at the last probed round")
+    save_figure(figure, path)
+
+
 def probes_report(rows: list[Row]) -> str:
     """Per layer, the relative change of the probe's metrics under FedAvg and under FedBN (the
     BN confound removed), then the accuracy of both models on the clients' own test data and
@@ -508,6 +549,7 @@ def probes_report(rows: list[Row]) -> str:
         for layer in layers
     ]
     table = markdown(header, lines)
+    cfd_compare_figure(columns, layers, FIGURES / "probes_cfd_compare.png")
     accuracy = []
     for method, name in PROBE_METHODS:
         found = complete([r for r in rows if r.name == method])
