@@ -255,7 +255,8 @@ def fedpart_report(rows: list[Row]) -> str:
                 full = mean_pm([f for _, f, _ in pairs])
                 part = mean_pm([p for _, _, p in pairs])
                 gap = mean_pm([p - f for _, f, p in pairs])
-                cells.append(f"{full} → {part} ({gap})")
+                sign = "" if gap.startswith("-") else "+"  # signed, as the paper's column
+                cells.append(f"{full} → {part} ({sign}{gap})")
             cells.append(", ".join(str(s) for s in used) or "-")
             lines.append(cells)
     panels = [
