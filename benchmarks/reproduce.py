@@ -502,11 +502,11 @@ def cfd_compare_figure(
         for name, per_seed in columns:
             if not per_seed:
                 continue
-            seeds_values = [[100.0 * c.get((layer, metric), math.nan) for layer in layers]
-                            for c in per_seed]  # fmt: skip
-            mean = [statistics.fmean(v) for v in zip(*seeds_values, strict=True)]
-            low = [min(v) for v in zip(*seeds_values, strict=True)]
-            high = [max(v) for v in zip(*seeds_values, strict=True)]
+            per_layer = [[100.0 * c.get((layer, metric), math.nan) for c in per_seed]
+                         for layer in layers]  # fmt: skip
+            mean = [statistics.fmean(v) for v in per_layer]
+            low = [min(v) for v in per_layer]
+            high = [max(v) for v in per_layer]
             (line,) = ax.plot(
                 positions,
                 mean,
