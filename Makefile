@@ -26,7 +26,8 @@ bench: bootstrap
 
 # The runs and figures of docs/results.md (benchmarks/reproduce.py): PAPER is fedpart, fedmr,
 # lips, probes or all; JOBS rows run at once, one CPU thread each. Finished rows are kept,
-# interrupted ones resume; RESULTS_ARGS=--figures_only redraws without running.
+# interrupted ones resume; finished rows are archived in docs/results/runs (committed), from
+# which RESULTS_ARGS=--figures_only redraws on a clone that never ran them.
 PAPER ?= all
 JOBS ?= 2
 RESULTS_ARGS ?=

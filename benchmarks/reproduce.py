@@ -8,6 +8,11 @@ holds its rounds is not run again, and one that stopped early resumes from its l
 so an interrupted reproduction picks up where it stopped. `--figures_only` redraws from the runs
 that are there (rows without a run are left out of the tables), and `--jobs` runs that many rows
 at once, each on one CPU thread as its config says.
+
+A run directory lives only on the machine that made it. The numbers of every finished row
+(metrics.jsonl, config.yaml, summary.json: no checkpoints) are therefore copied into
+docs/results/runs/, which is committed: tables and figures are read from there wherever the run
+directory is missing, so they redraw on a fresh clone and a lost machine loses no finished row.
 """
 
 from __future__ import annotations
@@ -62,12 +67,23 @@ class Row:
             raise ValueError(f"row {self.name}: no config sets trainer.rounds")
         return int(rounds)
 
+    @property
+    def archive_dir(self) -> Path:
+        """The committed copy of the finished run's numbers (see `archive`)."""
+        return FIGURES / "runs" / self.run_dir.name
+
+    @property
+    def results_dir(self) -> Path:
+        """Where the row's numbers are read from: the run directory, or its archived copy
+        where that holds more rounds (on a clone that never ran the row, the run directory
+        holds none)."""
+        if rounds_in(self.archive_dir) > rounds_in(self.run_dir):
+            return self.archive_dir
+        return self.run_dir
+
     def finished_rounds(self) -> int:
-        """Rounds the run directory holds (0: none yet)."""
-        metrics = self.run_dir / "metrics.jsonl"
-        if not metrics.is_file():
-            return 0
-        return max((int(r["round"]) for r in read_metrics(metrics)), default=0)
+        """Rounds the run directory or its archived copy holds (0: none yet)."""
+        return max(rounds_in(self.run_dir), rounds_in(self.archive_dir))
 
     def command(self, resume: bool = True) -> list[str]:
         """The `fedlit fit` command line that (re)produces this row; with `resume`, one that
@@ -81,6 +97,31 @@ class Row:
         if resume and (self.run_dir / "checkpoints" / "last.ckpt").is_file():
             args += ["--resume", "auto"]
         return args
+
+
+def rounds_in(run_dir: Path) -> int:
+    """The last round a run directory's metrics.jsonl holds (0: none, or no such file)."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return 0
+    return max((int(r["round"]) for r in read_metrics(metrics)), default=0)
+
+
+ARCHIVED_FILES = ("metrics.jsonl", "config.yaml", "summary.json")
+
+
+def archive(rows: Sequence[Row]) -> None:
+    """Copy the numbers of every row whose run directory holds all its rounds into
+    docs/results/runs/<row>_s<seed>/: the files the tables and figures read, without the
+    checkpoints. A row still running is not copied, so the archive only ever holds finished
+    rows."""
+    for row in rows:
+        if rounds_in(row.run_dir) < row.wanted_rounds():
+            continue
+        row.archive_dir.mkdir(parents=True, exist_ok=True)
+        for name in ARCHIVED_FILES:
+            if (row.run_dir / name).is_file():
+                shutil.copyfile(row.run_dir / name, row.archive_dir / name)
 
 
 @dataclass
@@ -97,7 +138,7 @@ def run_rows(rows: Sequence[Row], jobs: int) -> None:
     todo = [row for row in rows if row.finished_rounds() < row.wanted_rounds()]
     for row in rows:
         if row not in todo:
-            print(f"done    {row.run_dir} ({row.finished_rounds()} rounds)")
+            print(f"done    {row.results_dir} ({row.finished_rounds()} rounds)")
 
     def run(row: Row) -> tuple[Row, int]:
         print(f"running {' '.join(row.command())}", flush=True)
@@ -127,7 +168,7 @@ def available(rows: Sequence[Row], upto: int | None = None) -> list[tuple[Row, R
     """The rows whose run holds at least `upto` rounds (without `upto`: all its rounds), read
     as if stopped there."""
     enough = complete(rows) if upto is None else [r for r in rows if r.finished_rounds() >= upto]
-    return [(row, load_run(row.run_dir, row.run_dir.name, upto=upto)) for row in enough]
+    return [(row, load_run(row.results_dir, row.run_dir.name, upto=upto)) for row in enough]
 
 
 def mean_pm(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -202,7 +243,7 @@ def paired_best(
     for variant in ("fedavg", "fedpart"):
         for row in rows:
             if row.name == f"{prefix}_{variant}" and row.finished_rounds() >= upto:
-                result = load_run(row.run_dir, row.name, upto=upto, protocol=protocol)
+                result = load_run(row.results_dir, row.name, upto=upto, protocol=protocol)
                 found[variant, row.seed] = result.best_acc
     seeds_ = sorted(
         {s for v, s in found if v == "fedavg"} & {s for v, s in found if v == "fedpart"}
@@ -281,8 +322,9 @@ def protocol_key(rows: Sequence[Row], prefix: str, protocol: str) -> str:
     """The metric holding `protocol`'s accuracy in the runs of `prefix` (test/acc for the
     protocol a run lists first)."""
     for row in rows:
-        if row.name.startswith(f"{prefix}_") and (row.run_dir / "config.yaml").is_file():
-            config = yaml.safe_load((row.run_dir / "config.yaml").read_text()) or {}
+        config_path = row.results_dir / "config.yaml"
+        if row.name.startswith(f"{prefix}_") and config_path.is_file():
+            config = yaml.safe_load(config_path.read_text()) or {}
             first = (config.get("trainer") or {}).get("eval_bn", ["averaged"])[0]
             return "test/acc" if first.replace(":", "") == protocol else f"test/acc@{protocol}"
     return f"test/acc@{protocol}"
@@ -306,7 +348,7 @@ def protocol_panels(
             if row.finished_rounds() == 0:
                 continue
             colour = colours.setdefault(label, f"C{len(colours)}")
-            x, y = metric_series(row.run_dir, key)
+            x, y = metric_series(row.results_dir, key)
             named = label not in {line.get_label() for line in axes.lines}
             axes.plot(x, y, color=colour, linewidth=1.0, alpha=0.9, label=label if named else None)
         axes.set_title(title, fontsize=10)
@@ -406,7 +448,7 @@ def lips_report(rows: list[Row]) -> str:
             continue
         cells = [name]
         for key in ("personal/acc_local", "personal/acc_global"):
-            curves = [metric_series(r.run_dir, key) for r in found]
+            curves = [metric_series(r.results_dir, key) for r in found]
             cells.append(mean_pm([max(v) for _, v in curves if v]))
             cells.append(
                 mean_pm(
@@ -419,8 +461,10 @@ def lips_report(rows: list[Row]) -> str:
                     ]
                 )
             )
-        cells.append(mean_pm([last_moving_round(r.run_dir) for r in found], 1.0, 0))
-        cells.append(mean_pm([median_change_after(r.run_dir, 40) for r in found], 100.0, 2) + " %")
+        cells.append(mean_pm([last_moving_round(r.results_dir) for r in found], 1.0, 0))
+        cells.append(
+            mean_pm([median_change_after(r.results_dir, 40) for r in found], 100.0, 2) + " %"
+        )
         cells.append(", ".join(str(r.seed) for r in found))
         lines.append(cells)
     header = [
@@ -465,7 +509,7 @@ def probe_changes(rows: Sequence[Row]) -> tuple[list[str], list[dict[tuple[str, 
     per_seed: list[dict[tuple[str, str], float]] = []
     layers: list[str] = []
     for row in rows:
-        records = read_metrics(row.run_dir / "metrics.jsonl")
+        records = read_metrics(row.results_dir / "metrics.jsonl")
         probed = [r for r in records if any("/probe/" in k for k in r)]
         if not probed:
             continue
@@ -563,7 +607,7 @@ def probes_report(rows: list[Row]) -> str:
             "test/acc",
             "test/acc@recalibrated",
         ):
-            values = [metric_series(r.run_dir, key)[1] for r in found]
+            values = [metric_series(r.results_dir, key)[1] for r in found]
             finals[key] = mean_pm([v[-1] for v in values if v])
         seeds_used = ", ".join(str(r.seed) for r in found)
         accuracy.append([name, *finals.values(), seeds_used])
@@ -682,6 +726,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     FIGURES.mkdir(parents=True, exist_ok=True)
     for name in names:
         rows = PAPERS[name].rows
+        archive(rows)
         table = PAPERS[name].report(rows) + "\n" + commands_table(rows)
         (FIGURES / f"{name}_table.md").write_text(table)
         print(f"\n## {name}\n\n{table}")

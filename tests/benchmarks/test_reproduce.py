@@ -4,6 +4,7 @@ and the tables read the runs the way the docs say."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -122,6 +123,39 @@ def test_run_rows_runs_what_is_missing_skips_what_is_done_and_resumes(results_di
     assert [r["round"] for r in read_metrics(row.run_dir / "metrics.jsonl")] == [1, 2, 3]
     assert "--resume auto" in capsys.readouterr().out
     assert json.loads((row.run_dir / "summary.json").read_text())["rounds"] == 3
+
+
+def test_finished_rows_are_archived_without_checkpoints_and_read_back_on_a_fresh_clone(
+    results_dirs, capsys
+):
+    config = results_dirs / "configs" / "tiny.yaml"
+    config.write_text(TINY_CONFIG)
+    done, unfinished = Row("tiny", (config,), seed=1), Row("tiny", (config,), seed=2, rounds=5)
+    run_rows([done], jobs=1)
+    files = RunFiles(unfinished.run_dir)  # a row still running: two of its five rounds
+    files.write_config("seed: 2\n")
+    for k in (1, 2):
+        files.append_metrics({"round": k, "test/acc": 0.5})
+
+    reproduce.archive([done, unfinished])
+    assert sorted(p.name for p in done.archive_dir.iterdir()) == [
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+    ]
+    assert not unfinished.archive_dir.exists()
+    accuracy = [r["test/acc"] for r in read_metrics(done.run_dir / "metrics.jsonl")]
+
+    shutil.rmtree(reproduce.RUNS)  # a clone that never ran the rows
+    assert (done.finished_rounds(), unfinished.finished_rounds()) == (2, 0)
+    assert done.results_dir == done.archive_dir
+    assert reproduce.complete([done, unfinished]) == [done]
+    [(_, result)] = reproduce.available([done])
+    assert result.final_acc == accuracy[-1]
+    assert result.best_acc == max(accuracy)
+    run_rows([done], jobs=1)  # kept: not run again
+    assert not done.run_dir.exists()
+    assert f"done    {done.archive_dir} (2 rounds)" in capsys.readouterr().out
 
 
 def write_run(run_dir, accs, first="averaged", others=(), every=1, extra=None):
